@@ -1,0 +1,55 @@
+"""Command line: ``python -m tsqp_core {run,serve,plugins} ...``.
+
+``run`` and ``serve`` take Hydra overrides (``transport=shm executor=fused``, ``-m`` for sweeps,
+``--help`` for the config groups)."""
+
+from __future__ import annotations
+
+import os
+
+# Two torch processes share the cores: idle OpenMP threads must sleep, not spin. This has to
+# happen before torch is imported anywhere.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import sys  # noqa: E402
+
+USAGE = """usage: python -m tsqp_core COMMAND [ARGS]
+
+commands:
+  run [OVERRIDES]     split inference, as configured by Hydra overrides, e.g.
+                      run stage=stage0 model=tiny workload=prefill reference=true
+                      (run --help lists the config groups; -m sweeps)
+  serve [OVERRIDES]   run the GPU side alone (binds loopback unless transport.options
+                      says otherwise); point a run at it with server.address=ADDRESS
+  plugins             list installed plugins: name, family, package, version
+"""
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(USAGE)
+        return 0 if argv else 2
+    command, rest = argv[0], argv[1:]
+    if command == "run":
+        from tsqp_core.app import run_app
+
+        return run_app(rest)
+    if command == "serve":
+        from tsqp_core.app import serve_app
+
+        return serve_app(rest)
+    if command == "plugins":
+        from tsqp_core.app import list_plugins
+
+        return list_plugins()
+    if command == "_child":
+        from tsqp_core.launch import child_main
+
+        return child_main(rest[0])
+    print(f"unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

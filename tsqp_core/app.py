@@ -1,0 +1,110 @@
+"""The Hydra applications behind ``run`` and ``serve``, and ``plugins``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+#: Errors that are the user's to fix: printed as one clear message, exit code 2.
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from tsqp_core.config import ConfigError
+    from tsqp_core.launch import ServerStartError
+    from tsqp_core.models.source import ModelError
+    from tsqp_core.plugins import PluginError
+    from tsqp_core.run import InputError
+
+    return (ConfigError, PluginError, ModelError, InputError, ServerStartError)
+
+
+def _runtime_errors() -> tuple[type[BaseException], ...]:
+    from tsqp_core.client import RemoteError
+    from tsqp_core.transport import TransportError
+
+    return (RemoteError, TransportError)
+
+
+def run_app(args: list[str]) -> int:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import DictConfig, OmegaConf
+
+    status = {"code": 0}
+
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
+    def _run(cfg: DictConfig) -> None:
+        from tsqp_core.config import parse
+        from tsqp_core.run import run, summary
+
+        try:
+            config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+            result = run(config, Path(HydraConfig.get().runtime.output_dir))
+        except _user_errors() as exc:
+            print(f"tsqp: error: {exc}", file=sys.stderr)
+            status["code"] = 2
+            if HydraConfig.get().mode.name == "MULTIRUN":
+                raise
+            return
+        except _runtime_errors() as exc:
+            print(f"tsqp: run failed: {exc}", file=sys.stderr)
+            status["code"] = 1
+            if HydraConfig.get().mode.name == "MULTIRUN":
+                raise
+            return
+        print(summary(result))
+
+    saved = sys.argv
+    sys.argv = ["python -m tsqp_core run", *args]
+    try:
+        _run()
+    finally:
+        sys.argv = saved
+    return status["code"]
+
+
+def serve_app(args: list[str]) -> int:
+    """``serve``: compose the same config, then run only the GPU side, in this process."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from tsqp_core.config import parse
+    from tsqp_core.launch import ServerSpec, build_server
+    from tsqp_core.models.source import resolve
+    from tsqp_core.server import serve_forever
+
+    try:
+        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+            cfg = compose("config", overrides=args)
+        config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+        import torch
+
+        torch.set_num_threads(config.threads.gpu)
+        spec = ServerSpec(transport=config.transport.model_dump(), address=config.server.address,
+                          model_dir=str(resolve(config.model)), executor=config.executor.model_dump(),
+                          dtype=config.dtype, device=config.device, threads=config.threads.gpu,
+                          max_sessions=config.server.max_sessions)
+        server, channel = build_server(spec)
+    except _user_errors() as exc:
+        print(f"tsqp serve: error: {exc}", file=sys.stderr)
+        return 2
+
+    def ready(address: str) -> None:
+        print(f"tsqp serve: {config.model.name} ({config.dtype}, executor {config.executor.name}) "
+              f"on {server.device}, listening at {address}", flush=True)
+        print(json.dumps({"address": address}), flush=True)
+
+    serve_forever(server, channel, ready)
+    return 0
+
+
+def list_plugins() -> int:
+    from tsqp_core.plugins import get_plugins
+
+    rows = [(e.family, e.name, e.package, e.version) for e in get_plugins().all_entries()]
+    widths = [max(len(r[i]) for r in rows + [("family", "name", "package", "version")])
+              for i in range(4)]
+    for row in [("family", "name", "package", "version"), *rows]:
+        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    return 0

@@ -1,0 +1,142 @@
+"""Message <-> frames: a msgpack header followed by one raw buffer per tensor.
+
+A :class:`Message` is a small header (msgpack-able scalars, lists and string-keyed maps) and
+an ordered mapping of named tensors. :func:`encode` turns it into ``[header, *buffers]``,
+where each buffer is the tensor's own memory (no copy for contiguous tensors); :func:`decode`
+validates everything an untrusted peer could get wrong -- header size and shape, dtype names,
+frame count, byte counts -- and builds tensors *in place* over the received buffers with
+``torch.frombuffer``. Nothing here ever unpickles.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import msgpack
+import torch
+
+# Received frames are often read-only (zmq, shm); tensors over them are never written to.
+warnings.filterwarnings("ignore", message="The given buffer is not writable")
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+    "int64": torch.int64,
+    "int32": torch.int32,
+    "uint8": torch.uint8,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+MAX_HEADER_BYTES = 1 << 20
+MAX_TENSORS = 1024
+MAX_DIMS = 8
+
+
+class ProtocolError(ValueError):
+    """A frame or header that does not follow the protocol."""
+
+
+@dataclass
+class Message:
+    header: dict[str, Any]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """The bytes of ``t`` as a flat memoryview, copying only if ``t`` is not contiguous."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[list], list[Any]]:
+    """Tensor descriptors and raw buffers, in order."""
+    specs = []
+    buffers = []
+    for name, t in tensors.items():
+        dtype = DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise ProtocolError(f"tensor '{name}' has unsupported dtype {t.dtype}")
+        specs.append([name, dtype, list(t.shape)])
+        buffers.append(tensor_buffer(t))
+    return specs, buffers
+
+
+def pack(header: dict[str, Any], specs: list[list], buffers: list[Any]) -> list[Any]:
+    return [msgpack.packb({**header, "tensors": specs}, use_bin_type=True), *buffers]
+
+
+def encode(msg: Message) -> list[Any]:
+    return pack(msg.header, *encode_tensors(msg.tensors))
+
+
+def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
+    if not (isinstance(spec, list) and len(spec) == 3):
+        raise ProtocolError(f"tensor descriptor must be [name, dtype, shape], got {spec!r:.80}")
+    name, dtype, shape = spec
+    if not isinstance(name, str) or not 0 < len(name) <= 64:
+        raise ProtocolError(f"bad tensor name {name!r:.80}")
+    if dtype not in DTYPES:
+        raise ProtocolError(f"tensor '{name}': unsupported dtype {dtype!r:.40}")
+    if not (
+        isinstance(shape, list)
+        and len(shape) <= MAX_DIMS
+        and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
+    ):
+        raise ProtocolError(f"tensor '{name}': bad shape {shape!r:.80}")
+    return name, DTYPES[dtype], tuple(shape)
+
+
+def decode(frames: Sequence[Any], *, copy: bool = False) -> Message:
+    """Parse and validate ``frames``; with ``copy`` the tensors own their memory."""
+    if not frames:
+        raise ProtocolError("empty message")
+    raw = frames[0]
+    if len(memoryview(raw)) > MAX_HEADER_BYTES:
+        raise ProtocolError(f"header larger than {MAX_HEADER_BYTES} bytes")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True, max_bin_len=0,
+                                 max_ext_len=0)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"header is not valid msgpack: {exc}") from None
+    if not isinstance(header, dict):
+        raise ProtocolError("header must be a map")
+    specs = header.pop("tensors", [])
+    if not isinstance(specs, list) or len(specs) > MAX_TENSORS:
+        raise ProtocolError("header 'tensors' must be a list of at most %d" % MAX_TENSORS)
+    if len(specs) != len(frames) - 1:
+        raise ProtocolError(
+            f"header describes {len(specs)} tensors but {len(frames) - 1} buffers arrived"
+        )
+    tensors: dict[str, torch.Tensor] = {}
+    for spec, buf in zip(specs, frames[1:]):
+        name, dtype, shape = _check_spec(spec)
+        if name in tensors:
+            raise ProtocolError(f"tensor '{name}' appears twice")
+        view = memoryview(buf)
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        want = math.prod(shape) * itemsize
+        if view.nbytes != want:
+            raise ProtocolError(
+                f"tensor '{name}': {list(shape)} {DTYPE_NAMES[dtype]} needs {want} bytes, "
+                f"frame has {view.nbytes}"
+            )
+        if want == 0:
+            t = torch.empty(shape, dtype=dtype)
+        else:
+            t = torch.frombuffer(view, dtype=dtype).view(shape)
+            if copy:
+                t = t.clone()
+        tensors[name] = t
+    return Message(header, tensors)

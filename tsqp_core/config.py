@@ -1,0 +1,99 @@
+"""The validated shape of a run's configuration (what Hydra composes from ``conf/``).
+
+Hydra composes; pydantic validates, with unknown keys rejected at every level, so a typo
+fails before any process starts. Each plugin validates its own ``options`` (see
+:meth:`tsqp_core.plugins.Registry.options`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tsqp_core.models.source import ModelSpec
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class PluginChoice(Strict):
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class Workload(Strict):
+    kind: Literal["prefill", "generate", "bench"]
+    batch: int = Field(1, ge=1)
+    prompt_tokens: int = Field(128, ge=1)
+    new_tokens: int = Field(0, ge=0)
+    warmup: int = Field(0, ge=0)
+    repeats: int = Field(1, ge=1)
+    temperature: float = Field(0.0, ge=0.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+
+
+class Threads(Strict):
+    tee: int = Field(2, ge=1)
+    gpu: int = Field(2, ge=1)
+
+
+class Server(Strict):
+    #: Address of a running ``tsqp_core serve``; ``null`` starts one for the run.
+    address: str | None = None
+    startup_timeout_s: float = Field(300.0, gt=0)
+    timeout_s: float = Field(120.0, gt=0)
+    max_sessions: int = Field(4, ge=1)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class RunConfig(Strict):
+    stage: str = "custom"
+    transport: PluginChoice
+    executor: PluginChoice
+    partition: PluginChoice
+    protection: PluginChoice
+    tee_ops: PluginChoice
+    model: ModelSpec
+    workload: Workload
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    #: GPU-side device: ``auto`` (CUDA if available), ``cpu``, ``cuda``, ``cuda:N``.
+    device: str = "auto"
+    prompt: str | None = None
+    reference: bool = False
+    seed: int = 0
+    threads: Threads = Threads()
+    server: Server = Server()
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def parse(raw: dict[str, Any]) -> RunConfig:
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    try:
+        return RunConfig(**raw)
+    except ValidationError as exc:
+        lines = [f"  {'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()]
+        raise ConfigError("invalid configuration:\n" + "\n".join(lines)) from None
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} requested but CUDA is not available")
+    return device

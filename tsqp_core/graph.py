@@ -1,0 +1,186 @@
+"""The forward graph: a fixed sequence of ops over named values (DESIGN.md section 3).
+
+Each op reads and writes *values* named in single-assignment form: ``h0`` is the embedding
+output (the residual stream entering layer 0), ``3.q`` is layer 3's query projection,
+``h4`` the residual stream leaving layer 3, ``logits`` the output. Partitions assign ops to a
+side, executors group GPU-side ops into calls, and the shape of every value follows from its
+kind and the model's dimensions -- which is how both sides validate what they receive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+#: Per-layer op kinds, in execution order: (kind, inputs, outputs). ``{i}`` is the layer,
+#: ``{n}`` the next layer. ``attn_residual``/``mlp_residual`` are DESIGN.md's two "residual"s.
+LAYER_OPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
+    ("input_norm", ("h{i}",), ("{i}.x",)),
+    ("qkv_proj", ("{i}.x",), ("{i}.q", "{i}.k", "{i}.v")),
+    ("rope", ("{i}.q", "{i}.k", "pos"), ("{i}.qr", "{i}.kr")),
+    ("attn_scores", ("{i}.qr", "{i}.kr"), ("{i}.s",)),
+    ("attn_softmax", ("{i}.s",), ("{i}.p",)),
+    ("attn_context", ("{i}.p", "{i}.v"), ("{i}.c",)),
+    ("o_proj", ("{i}.c",), ("{i}.o",)),
+    ("attn_residual", ("h{i}", "{i}.o"), ("{i}.hm",)),
+    ("post_norm", ("{i}.hm",), ("{i}.x2",)),
+    ("gate_up_proj", ("{i}.x2",), ("{i}.g", "{i}.u")),
+    ("act", ("{i}.g", "{i}.u"), ("{i}.m",)),
+    ("down_proj", ("{i}.m",), ("{i}.d",)),
+    ("mlp_residual", ("{i}.hm", "{i}.d"), ("h{n}",)),
+)
+HEAD_OPS = (("embed", ("ids",), ("h0",)),)
+TAIL_OPS = (
+    ("final_norm", ("hL",), ("xf",)),
+    ("lm_head", ("xf",), ("logits",)),
+)
+OP_KINDS: tuple[str, ...] = tuple(k for k, _, _ in HEAD_OPS + LAYER_OPS + TAIL_OPS)
+#: Ops that keep per-generation state (the KV cache) on the side that runs them.
+STATEFUL = frozenset({"attn_scores", "attn_context"})
+#: Aliases accepted wherever op kinds are named.
+ALIASES = {"residual": ("attn_residual", "mlp_residual")}
+
+#: What each value kind is, for exposure reports.
+DESCRIPTIONS = {
+    "ids": "token ids",
+    "pos": "token positions",
+    "h": "residual stream (hidden states)",
+    "x": "normed hidden states (attention input)",
+    "q": "query projections",
+    "k": "key projections",
+    "v": "value projections",
+    "qr": "rotated queries",
+    "kr": "rotated keys",
+    "s": "attention scores (QK^T)",
+    "p": "attention probabilities",
+    "c": "attention context (PV)",
+    "o": "attention output projection",
+    "hm": "residual stream after attention",
+    "x2": "normed hidden states (MLP input)",
+    "g": "MLP gate projections",
+    "u": "MLP up projections",
+    "m": "MLP activations (silu(gate)*up)",
+    "d": "MLP down projections",
+    "xf": "final normed hidden states",
+    "logits": "logits",
+}
+
+
+@dataclass(frozen=True)
+class Op:
+    kind: str
+    layer: int | None
+    inputs: tuple[str, ...]
+    outputs: tuple[str, ...]
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.layer is None else f"{self.layer}.{self.kind}"
+
+
+def expand_kinds(kinds: Iterable[str]) -> frozenset[str]:
+    """Op kind names with aliases expanded; an unknown name is an error listing the kinds."""
+    out: set[str] = set()
+    for k in kinds:
+        if k in ALIASES:
+            out.update(ALIASES[k])
+        elif k in OP_KINDS:
+            out.add(k)
+        else:
+            raise ValueError(
+                f"unknown op '{k}'; choose from: {', '.join(OP_KINDS + tuple(ALIASES))}"
+            )
+    return frozenset(out)
+
+
+def forward_ops(n_layers: int) -> list[Op]:
+    """The ops of one forward pass of an ``n_layers``-layer model, in order."""
+    ops = [Op(k, None, i, o) for k, i, o in HEAD_OPS]
+    for layer in range(n_layers):
+        for kind, ins, outs in LAYER_OPS:
+            fmt = {"i": layer, "n": layer + 1}
+            ops.append(Op(kind, layer, tuple(s.format(**fmt) for s in ins),
+                          tuple(s.format(**fmt) for s in outs)))
+    last = f"h{n_layers}"
+    for kind, ins, outs in TAIL_OPS:
+        ops.append(Op(kind, None, tuple(last if s == "hL" else s for s in ins), outs))
+    return ops
+
+
+def value_kind(name: str) -> str:
+    """``'3.q' -> 'q'``, ``'h4' -> 'h'``, ``'logits' -> 'logits'``."""
+    if "." in name:
+        return name.split(".", 1)[1]
+    if name[:1] == "h" and name[1:].isdigit():
+        return "h"
+    return name
+
+
+def value_layer(name: str) -> int | None:
+    if "." in name:
+        return int(name.split(".", 1)[0])
+    if name[:1] == "h" and name[1:].isdigit():
+        return int(name[1:])
+    return None
+
+
+@dataclass(frozen=True)
+class Dims:
+    """The model dimensions every shape follows from."""
+
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    vocab: int
+    max_positions: int
+
+
+def value_shape(name: str, dims: Dims, batch: int, tokens: int, keys: int) -> tuple[int, ...]:
+    """The shape of value ``name`` when ``tokens`` new tokens attend over ``keys`` keys."""
+    kind = value_kind(name)
+    b, t = batch, tokens
+    hq, hk = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
+    table = {
+        "ids": (b, t),
+        "pos": (t,),
+        "h": (b, t, dims.hidden), "x": (b, t, dims.hidden), "o": (b, t, dims.hidden),
+        "hm": (b, t, dims.hidden), "x2": (b, t, dims.hidden), "d": (b, t, dims.hidden),
+        "xf": (b, t, dims.hidden),
+        "q": (b, t, hq), "c": (b, t, hq), "k": (b, t, hk), "v": (b, t, hk),
+        "qr": (b, dims.heads, t, dims.head_dim), "kr": (b, dims.kv_heads, t, dims.head_dim),
+        "s": (b, dims.heads, t, keys), "p": (b, dims.heads, t, keys),
+        "g": (b, t, dims.intermediate), "u": (b, t, dims.intermediate),
+        "m": (b, t, dims.intermediate),
+        "logits": (b, t, dims.vocab),
+    }
+    try:
+        return table[kind]
+    except KeyError:
+        raise ValueError(f"unknown value '{name}'") from None
+
+
+INTEGER_VALUES = frozenset({"ids", "pos"})
+
+#: Values after the final norm: only the last position when a forward needs just that.
+TAIL_VALUES = frozenset({"xf", "logits"})
+
+
+def expected_shape(name: str, dims: Dims, batch: int, tokens: int, past: int,
+                   last_only: bool) -> tuple[int, ...]:
+    """The shape value ``name`` must have in a forward of ``tokens`` new tokens after
+    ``past`` cached ones."""
+    t = 1 if last_only and value_kind(name) in TAIL_VALUES else tokens
+    return value_shape(name, dims, batch, t, past + tokens)
+
+
+def batch_and_tokens(name: str, shape: Sequence[int]) -> tuple[int, int] | None:
+    """Read (batch, tokens) off a value's shape; ``None`` when the value does not tell."""
+    kind = value_kind(name)
+    if kind == "pos" or len(shape) < 2:
+        return None
+    if kind in ("qr", "kr", "s", "p"):
+        return (shape[0], shape[2]) if len(shape) == 4 else None
+    return shape[0], shape[1]

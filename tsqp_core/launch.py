@@ -1,0 +1,146 @@
+"""Starting and stopping the GPU side for a run.
+
+``run`` starts the server itself -- a child process for real transports, a thread for
+``inproc`` -- and always stops it: on a normal end, an error or Ctrl-C, the child is
+terminated, killed if it lingers, and reaped. With ``server.address`` set, the run uses a
+server someone else started (``python -m tsqp_core serve``) and leaves it alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import select
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tsqp_core.transport import Watchdog
+
+READY = "tsqp-ready "
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Everything the GPU-side process needs, passed to it as JSON."""
+
+    transport: dict[str, Any]
+    address: str | None
+    model_dir: str
+    executor: dict[str, Any]
+    dtype: str
+    device: str
+    threads: int
+    max_sessions: int
+
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__)
+
+
+def build_server(spec: ServerSpec):
+    """Construct the server and open its channel (in whatever process calls this)."""
+    from tsqp_core.config import DTYPES, resolve_device
+    from tsqp_core.plugins import get_plugins
+    from tsqp_core.server import GpuServer
+
+    plugins = get_plugins()
+    transport = plugins.transports.create(spec.transport["name"], spec.transport.get("options"))
+    executor = plugins.executors.create(spec.executor["name"], spec.executor.get("options"))
+    server = GpuServer(Path(spec.model_dir), executor, spec.executor["name"], DTYPES[spec.dtype],
+                       resolve_device(spec.device), spec.max_sessions)
+    return server, transport.listen(spec.address)
+
+
+def child_main(spec_json: str) -> int:
+    """Entry of the spawned GPU-side process: serve until terminated."""
+    import torch
+
+    from tsqp_core.server import serve_forever
+
+    spec = ServerSpec(**json.loads(spec_json))
+    torch.set_num_threads(spec.threads)
+    server, channel = build_server(spec)
+
+    def ready(address: str) -> None:
+        print(READY + json.dumps({"address": address, "pid": os.getpid()}), flush=True)
+
+    serve_forever(server, channel, ready)
+    return 0
+
+
+class ServerStartError(RuntimeError):
+    pass
+
+
+@contextlib.contextmanager
+def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
+             startup_timeout: float) -> Iterator[tuple[str, Watchdog | None]]:
+    """Yields ``(address, watchdog)`` of a ready GPU side; stops what it started."""
+    if external:
+        yield external, None
+        return
+    if in_process:
+        server, channel = build_server(spec)
+        stop = threading.Event()
+        thread = threading.Thread(target=server.serve, args=(channel, stop), daemon=True,
+                                  name="tsqp-gpu-side")
+        thread.start()
+        try:
+            yield channel.address, (lambda: None if thread.is_alive() else "GPU-side thread ended")
+        finally:
+            stop.set()
+            thread.join(timeout=5)
+            channel.close()
+        return
+    env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               OMP_NUM_THREADS=str(spec.threads))
+    proc = subprocess.Popen([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()],
+                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
+    try:
+        address = _wait_ready(proc, startup_timeout)
+
+        def watchdog() -> str | None:
+            code = proc.poll()
+            return None if code is None else f"GPU server process exited with code {code}"
+
+        yield address, watchdog
+    finally:
+        stop_process(proc)
+
+
+def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ServerStartError(f"GPU server did not become ready within {timeout:g} s")
+        ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
+        if ready:
+            line = proc.stdout.readline()
+            if line.startswith(READY):
+                return json.loads(line[len(READY):])["address"]
+            if line:
+                sys.stdout.write(line)
+                continue
+        if proc.poll() is not None:
+            raise ServerStartError(f"GPU server exited with code {proc.returncode} before it "
+                                   "was ready (its messages are above)")
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """Terminate, then kill, and always reap."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    if proc.stdout:
+        proc.stdout.close()

@@ -1,0 +1,85 @@
+"""Where time and bytes go: the breakdown every run reports (DESIGN.md section 5).
+
+Categories are the seed's: ``serialize`` (codec work on both sides), ``transport`` (round
+trip minus everything the server reported doing), ``gpu_compute`` (the server's own timer,
+device synchronised), ``tee_compute`` (TEE-side ops and sampling) and ``other`` (the rest of
+the wall time, so the parts always add up to the total).
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+from contextlib import contextmanager
+
+CATEGORIES = ("serialize", "transport", "gpu_compute", "tee_compute")
+
+now_ns = time.perf_counter_ns
+
+
+@dataclass
+class MethodStats:
+    calls: int = 0
+    bytes_to_gpu: int = 0
+    bytes_from_gpu: int = 0
+    ns: int = 0
+
+    def as_dict(self) -> dict:
+        return {"calls": self.calls, "bytes": self.bytes_to_gpu + self.bytes_from_gpu,
+                "bytes_to_gpu": self.bytes_to_gpu, "bytes_from_gpu": self.bytes_from_gpu,
+                "ms": self.ns / 1e6}
+
+
+@dataclass
+class Meter:
+    """Accumulates one measured span (a forward, a generation) of a split run."""
+
+    ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+    methods: dict[str, MethodStats] = field(default_factory=dict)
+
+    def add(self, category: str, ns: int) -> None:
+        self.ns[category] += ns
+
+    @contextmanager
+    def time(self, category: str) -> Iterator[None]:
+        t0 = now_ns()
+        try:
+            yield
+        finally:
+            self.ns[category] += now_ns() - t0
+
+    def record_call(self, method: str, to_gpu: int, from_gpu: int, ns: int) -> None:
+        m = self.methods.setdefault(method, MethodStats())
+        m.calls += 1
+        m.bytes_to_gpu += to_gpu
+        m.bytes_from_gpu += from_gpu
+        m.ns += ns
+
+    @property
+    def calls(self) -> int:
+        return sum(m.calls for m in self.methods.values())
+
+    def rpc(self) -> dict:
+        return {
+            "calls": self.calls,
+            "bytes_to_gpu": sum(m.bytes_to_gpu for m in self.methods.values()),
+            "bytes_from_gpu": sum(m.bytes_from_gpu for m in self.methods.values()),
+            "by_method": {k: v.as_dict() for k, v in self.methods.items()},
+        }
+
+    def breakdown(self, total_ns: int) -> dict[str, float]:
+        out = {k: v / 1e6 for k, v in self.ns.items()}
+        out["other"] = total_ns / 1e6 - sum(out.values())
+        return out
+
+
+def median(xs: list[float]) -> float | None:
+    return statistics.median(xs) if xs else None
+
+
+def median_index(xs: list[float]) -> int:
+    """Index of the element that is the (lower) median."""
+    order = sorted(range(len(xs)), key=xs.__getitem__)
+    return order[(len(xs) - 1) // 2]

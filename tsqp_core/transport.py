@@ -1,0 +1,107 @@
+"""The transport family: byte channels that move lists of buffers between the two sides.
+
+A transport knows nothing of tensors or methods; :mod:`tsqp_core.codec` turns messages into
+frames (``[header, *buffers]``) and back. The contract every transport honours, and that
+``tests/test_transport_contract.py`` checks for each registered one:
+
+* **One outstanding request per client.** ``ClientChannel.request`` sends frames and blocks
+  until the reply frames arrive, the timeout passes (:class:`PeerTimeout`) or the peer is known
+  dead (:class:`PeerDead`). A reply whose request id does not match is never returned.
+* **Borrowed replies.** The frames returned by ``request`` (and by ``ServerChannel.recv``) may
+  be views of transport-owned memory, valid only until the next ``request`` (``send``) on the
+  same channel; ``Transport.borrowed_frames`` says so, and callers copy what they keep.
+* **One timeout convention:** every blocking call takes ``timeout`` in seconds; ``None``
+  waits forever.
+* **close() is idempotent** and releases every OS resource (sockets, segments, semaphores).
+* **Servers keep serving.** A malformed message is the server loop's problem (it replies with
+  an error), never a reason for the channel to die.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar, Sequence
+
+from tsqp_core.plugins import PluginOptions
+
+Frames = Sequence[Any]
+#: Returns ``None`` while the peer is believed alive, else a reason it is not.
+Watchdog = Callable[[], "str | None"]
+
+
+class TransportError(RuntimeError):
+    """The channel cannot deliver: nobody listening, peer gone, misuse."""
+
+
+class PeerTimeout(TransportError):
+    """No reply within the timeout."""
+
+
+class PeerDead(TransportError):
+    """The peer is known to be gone (its process exited, its heartbeat stopped)."""
+
+
+class ClientChannel(ABC):
+    """TEE side: sends a request, waits for its reply."""
+
+    @abstractmethod
+    def request(self, frames: Frames, timeout: float | None) -> list[Any]:
+        """Send ``frames`` and return the reply frames (borrowed, see module doc)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything; idempotent."""
+
+    def __enter__(self) -> "ClientChannel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ServerChannel(ABC):
+    """GPU side: receives one request at a time and answers it."""
+
+    #: The address a client passes to :meth:`Transport.connect` to reach this server.
+    address: str
+
+    @abstractmethod
+    def recv(self, timeout: float | None) -> list[Any] | None:
+        """The next request's frames, or ``None`` if none arrived within ``timeout``."""
+
+    @abstractmethod
+    def send(self, frames: Frames) -> None:
+        """Answer the request last returned by :meth:`recv`."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Release everything; idempotent. The one place server-owned resources go away."""
+
+    def __enter__(self) -> "ServerChannel":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class Transport(ABC):
+    """A transport plugin. Subclasses set ``name`` and ``Options`` and are registered through
+    the ``tsqp_register_transports`` hook."""
+
+    name: ClassVar[str]
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: Frames returned by recv/request are views valid only until the next call.
+    borrowed_frames: ClassVar[bool] = False
+    #: The server lives in the client's process (``inproc``): ``run`` starts no child.
+    in_process: ClassVar[bool] = False
+
+    def __init__(self, options: PluginOptions) -> None:
+        self.options = options
+
+    @abstractmethod
+    def listen(self, address: str | None = None) -> ServerChannel:
+        """Start serving at ``address`` (``None``: the transport's loopback default)."""
+
+    @abstractmethod
+    def connect(self, address: str, watchdog: Watchdog | None = None) -> ClientChannel:
+        """Connect to a server; ``watchdog`` lets blocking waits notice a dead peer early."""
