@@ -74,6 +74,10 @@ def serve_app(args: list[str]) -> int:
     from tsqp_core.models.source import resolve
     from tsqp_core.server import serve_forever
 
+    from hydra.errors import HydraException
+
+    from tsqp_core.transport import TransportError
+
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=args)
@@ -86,7 +90,7 @@ def serve_app(args: list[str]) -> int:
                           dtype=config.dtype, device=config.device, threads=config.threads.gpu,
                           max_sessions=config.server.max_sessions)
         server, channel = build_server(spec)
-    except _user_errors() as exc:
+    except (*_user_errors(), HydraException, TransportError) as exc:
         print(f"tsqp serve: error: {exc}", file=sys.stderr)
         return 2
 

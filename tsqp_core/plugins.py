@@ -8,6 +8,8 @@ truth of what is installed: lookups, name clashes and "unknown name" errors live
 from __future__ import annotations
 
 import functools
+import importlib.metadata
+import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar, Generic, Mapping, TypeVar
 
@@ -123,14 +125,16 @@ class Plugins:
 
     def __init__(self, pm: pluggy.PluginManager) -> None:
         self.pm = pm
-        dists = {id(plugin): dist for plugin, dist in pm.list_plugin_distinfo()}
+        dists = {id(plugin): (dist.project_name, dist.version)
+                 for plugin, dist in pm.list_plugin_distinfo()}
+        dists |= getattr(pm, "tsqp_dists", {})
+        #: Entry points that failed to import: (name, package, error).
+        self.broken: list[tuple[str, str, str]] = getattr(pm, "tsqp_broken", [])
         for family, hook_name in FAMILIES.items():
             registry: Registry[Any] = Registry(family)
             setattr(self, self._attr[family], registry)
             for impl in getattr(pm.hook, hook_name).get_hookimpls():
-                dist = dists.get(id(impl.plugin))
-                package = dist.project_name if dist else impl.plugin_name
-                version = dist.version if dist else "-"
+                package, version = dists.get(id(impl.plugin), (impl.plugin_name, "-"))
                 impl.function(
                     register=functools.partial(registry.add, package=package, version=version)
                 )
@@ -148,11 +152,32 @@ class Plugins:
 
 
 def make_plugin_manager(*extra: object) -> pluggy.PluginManager:
+    """A plugin manager with every ``tsqp`` entry point loaded, plus ``extra`` plugins.
+
+    One broken third-party package must not take the others down: an entry point that
+    fails to import is reported on stderr (and in ``Plugins.broken``) and skipped."""
     pm = pluggy.PluginManager(PROJECT)
     pm.add_hookspecs(hookspecs)
-    pm.load_setuptools_entrypoints(PROJECT)
+    dists: dict[int, tuple[str, str]] = {}
+    broken: list[tuple[str, str, str]] = []
+    for dist in importlib.metadata.distributions():
+        for ep in dist.entry_points:
+            if ep.group != PROJECT or pm.get_plugin(ep.name) is not None:
+                continue
+            package = dist.metadata["name"]
+            try:
+                plugin = ep.load()
+            except Exception as exc:  # any error in someone else's import
+                broken.append((ep.name, package, f"{type(exc).__name__}: {exc}"))
+                print(f"tsqp: plugin '{ep.name}' from {package} failed to load and is skipped: "
+                      f"{type(exc).__name__}: {exc}", file=sys.stderr)
+                continue
+            pm.register(plugin, name=ep.name)
+            dists[id(plugin)] = (package, dist.version)
     for plugin in extra:
         pm.register(plugin)
+    pm.tsqp_dists = dists  # type: ignore[attr-defined]
+    pm.tsqp_broken = broken  # type: ignore[attr-defined]
     return pm
 
 

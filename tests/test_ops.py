@@ -1,0 +1,88 @@
+"""The reference ops agree with transformers' own building blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import LlamaConfig
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+
+from tsqp_core import ops
+from tsqp_core.graph import Dims, Op
+from tsqp_core.schedule import build_schedule, gpu_runs
+from tsqp_core.graph import forward_ops
+
+ROPES = [
+    {"rope_type": "default", "rope_theta": 10000.0},
+    {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+     "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+]
+
+
+@pytest.mark.parametrize("rope", ROPES, ids=["default", "llama3"])
+def test_rope_tables_match_transformers(rope):
+    cfg = LlamaConfig(hidden_size=256, num_attention_heads=4, max_position_embeddings=131072,
+                      rope_parameters=rope)
+    hf = LlamaRotaryEmbedding(cfg)
+    mine = ops.Rope(cfg, 64)
+    pos = torch.tensor([0, 1, 7, 500, 9000, 100000])
+    cos, sin = hf(torch.zeros(1, 1, dtype=torch.float32), pos[None])
+    c, s = mine.cos_sin(pos, torch.float32)
+    torch.testing.assert_close(c, cos[0], rtol=0, atol=1e-6)
+    torch.testing.assert_close(s, sin[0], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_matches_transformers(dtype):
+    norm = LlamaRMSNorm(96, eps=1e-5)
+    norm.weight.data = (1 + 0.1 * torch.randn(96)).to(dtype)
+    norm = norm.to(dtype)
+    x = torch.randn(2, 5, 96, dtype=dtype) * 3
+    torch.testing.assert_close(ops.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=0, atol=0)
+
+
+def test_causal_softmax_with_a_cache_offset():
+    dims = Dims(1, 8, 2, 1, 4, 8, 10, 100)
+    ctx = ops.OpContext(dims, {}, None, 1e-5, ops.KVCache())
+    s = torch.randn(1, 2, 3, 7)
+    (p,) = ops.op_attn_softmax(ctx, Op("attn_softmax", 0, (), ()), s)
+    # query i sits at position 4 + i: keys beyond it get zero weight
+    for i in range(3):
+        assert torch.all(p[0, :, i, 5 + i:] == 0)
+        assert torch.all(p[0, :, i, : 5 + i] > 0)
+    torch.testing.assert_close(p.sum(-1), torch.ones(1, 2, 3))
+
+
+def test_gqa_attention_matches_repeated_kv():
+    dims = Dims(1, 16, 4, 2, 4, 8, 10, 100)
+    cache = ops.KVCache()
+    ctx = ops.OpContext(dims, {}, None, 1e-5, cache)
+    qr, kr = torch.randn(2, 4, 5, 4), torch.randn(2, 2, 5, 4)
+    v = torch.randn(2, 5, 8)
+    (s,) = ops.op_attn_scores(ctx, Op("attn_scores", 0, (), ()), qr, kr)
+    (p,) = ops.op_attn_softmax(ctx, Op("attn_softmax", 0, (), ()), s)
+    (c,) = ops.op_attn_context(ctx, Op("attn_context", 0, (), ()), p, v)
+    k_rep = kr.repeat_interleave(2, dim=1)
+    v_rep = v.view(2, 5, 2, 4).transpose(1, 2).repeat_interleave(2, dim=1)
+    want = torch.nn.functional.scaled_dot_product_attention(qr, k_rep, v_rep, is_causal=True)
+    torch.testing.assert_close(c, want.transpose(1, 2).reshape(2, 5, 16), rtol=1e-5, atol=1e-5)
+    assert cache.length(0, "k") == 5 and cache.length(0, "v") == 5
+
+
+def test_schedule_call_counts_and_boundaries():
+    seed = frozenset({"embed", "qkv_proj", "attn_scores", "attn_context", "o_proj",
+                      "gate_up_proj", "down_proj", "lm_head"})
+    one = build_schedule(16, seed, lambda run: [[op] for op in run])
+    assert len(one.calls) == 98
+    first = one.calls[1]
+    assert first.ops[0].kind == "qkv_proj" and first.inputs == ("0.x",)
+    assert first.outputs == ("0.q", "0.k", "0.v")
+    fused = build_schedule(16, seed, lambda run: [run])
+    # only PV and the o projection are adjacent on the GPU side: one call fewer per layer
+    assert len(fused.calls) == 98 - 16
+    assert [op.kind for op in fused.calls[3].ops] == ["attn_context", "o_proj"]
+    everything = frozenset(op.kind for op in forward_ops(2))
+    whole = build_schedule(2, everything, lambda run: [run])
+    assert len(whole.calls) == 1 and whole.calls[0].inputs == ("ids", "pos")
+    assert whole.calls[0].outputs == ("logits",)
+    assert len(gpu_runs(forward_ops(2), frozenset())) == 0
