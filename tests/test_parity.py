@@ -6,7 +6,10 @@ import json
 
 import pytest
 
-TRANSPORTS = ["inproc", "tcp"]
+from tsqp_core.plugins import get_plugins
+
+#: Every installed transport: a transport that corrupts data shows up here as a logit diff.
+TRANSPORTS = get_plugins().transports.names()
 
 
 @pytest.mark.parametrize("transport", TRANSPORTS)

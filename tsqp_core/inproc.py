@@ -23,18 +23,22 @@ _names = itertools.count()
 class InprocServer(ServerChannel):
     def __init__(self, address: str) -> None:
         self.address = address
-        self.requests: queue.Queue[list[Any]] = queue.Queue(maxsize=1)
-        self.replies: queue.Queue[list[Any]] = queue.Queue(maxsize=1)
+        # each request carries a token its reply echoes: a late reply to an abandoned request
+        # is recognised and dropped, never returned for the next one
+        self.requests: queue.Queue[tuple[object, list[Any]]] = queue.Queue(maxsize=1)
+        self.replies: queue.Queue[tuple[object, list[Any]]] = queue.Queue(maxsize=1)
+        self._token: object = None
         self.closed = False
 
     def recv(self, timeout: float | None) -> list[Any] | None:
         try:
-            return self.requests.get(timeout=timeout)
+            self._token, frames = self.requests.get(timeout=timeout)
         except queue.Empty:
             return None
+        return frames
 
     def send(self, frames: Frames) -> None:
-        self.replies.put(list(frames))
+        self.replies.put((self._token, list(frames)))
 
     def close(self) -> None:
         with _lock:
@@ -52,11 +56,14 @@ class InprocClient(ClientChannel):
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
         if self.closed or self.server.closed:
             raise PeerDead(f"{self.server.address}: channel closed")
-        self.server.requests.put(list(frames))
+        token = object()
+        self.server.requests.put((token, list(frames)))
         waited = 0.0
         while True:
             try:
-                return self.server.replies.get(timeout=0.1)
+                answered, reply = self.server.replies.get(timeout=0.1)
+                if answered is token:
+                    return reply
             except queue.Empty:
                 waited += 0.1
                 reason = self.watchdog() if self.watchdog else None

@@ -39,7 +39,8 @@ class KVCache:
     def append(self, which: str, layer: int, new: torch.Tensor) -> torch.Tensor:
         store = self.k if which == "k" else self.v
         old = store.get(layer)
-        full = new if old is None else torch.cat([old, new], dim=2)
+        # ``new`` may be a view of a borrowed transport frame (shm): keep a copy, never the view
+        full = new.clone() if old is None else torch.cat([old, new], dim=2)
         store[layer] = full
         return full
 

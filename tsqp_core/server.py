@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import msgpack
 import torch
 
 from tsqp_core import codec
@@ -33,7 +34,7 @@ from tsqp_core.graph import (INTEGER_VALUES, STATEFUL, Op, batch_and_tokens, exp
                              forward_ops, value_kind)
 from tsqp_core.metrics import now_ns
 from tsqp_core.models.source import Checkpoint, fingerprint
-from tsqp_core.transport import ServerChannel
+from tsqp_core.transport import MessageTooLarge, ServerChannel
 
 PROTOCOL = 1
 MAX_PLANS = 8
@@ -76,7 +77,7 @@ class GpuServer:
             frames = channel.recv(timeout=poll_s)
             if frames is None:
                 continue
-            channel.send(self.handle(frames))
+            send_reply(channel, self.handle(frames))
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """One request's frames in, the reply's frames out. Never raises."""
@@ -230,6 +231,16 @@ class GpuServer:
                 self._sessions.popitem(last=False)
         self._sessions.move_to_end(session)
         return cache
+
+
+def send_reply(channel: ServerChannel, reply: list[Any]) -> None:
+    """Send ``reply``; one the channel cannot carry (:class:`MessageTooLarge`) becomes a small
+    error answering the same request, so the client learns why instead of waiting."""
+    try:
+        channel.send(reply)
+    except MessageTooLarge as exc:
+        req_id = msgpack.unpackb(reply[0]).get("id", -1)
+        channel.send(GpuServer._error(req_id, f"reply not sent: {exc}"))
 
 
 def serve_forever(server: GpuServer, channel: ServerChannel, on_ready: Callable[[str], None]) -> None:

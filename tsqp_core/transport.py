@@ -15,6 +15,9 @@ frames (``[header, *buffers]``) and back. The contract every transport honours, 
 * **close() is idempotent** and releases every OS resource (sockets, segments, semaphores).
 * **Servers keep serving.** A malformed message is the server loop's problem (it replies with
   an error), never a reason for the channel to die.
+* **Too large is an error, never a fallback.** A message the channel cannot carry raises
+  :class:`MessageTooLarge` before anything is sent; the channel stays usable, and a server
+  answers the same request with a small error instead (:func:`tsqp_core.server.send_reply`).
 """
 
 from __future__ import annotations
@@ -39,6 +42,10 @@ class PeerTimeout(TransportError):
 
 class PeerDead(TransportError):
     """The peer is known to be gone (its process exited, its heartbeat stopped)."""
+
+
+class MessageTooLarge(TransportError):
+    """The message does not fit the channel (an arena, a frame limit); nothing was sent."""
 
 
 class ClientChannel(ABC):

@@ -1,0 +1,261 @@
+"""What the ``shm`` transport promises beyond the common contract
+(tests/test_transport_contract.py): owner-only segments that are unlinked once both sides hold
+them, arena limits that are errors and never crashes, guards against stale or torn messages,
+cleanup after kill -9 and Ctrl-C, and stage 1 end to end."""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import subprocess
+import sys
+import threading
+import time
+
+import posix_ipc
+import pytest
+import torch
+
+from tsqp_core import codec
+from tsqp_core.bench_transport import EchoServer
+from tsqp_core.plugins import PluginError, get_plugins
+from tsqp_core.transport import MessageTooLarge, PeerDead, TransportError
+
+shm = pytest.importorskip("tsqp_transport_shm")
+
+SHM_DIR = "/dev/shm"
+ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
+
+
+def ours() -> set[str]:
+    return {n for n in os.listdir(SHM_DIR) if n.startswith(("tsqp", "sem.tsqp"))}
+
+
+@pytest.fixture(autouse=True)
+def nothing_left_in_dev_shm():
+    before = ours()
+    yield
+    assert ours() - before == set()
+
+
+def make(**options):
+    return get_plugins().transports.create("shm", options)
+
+
+class Served:
+    """An echo server thread and a connected client."""
+
+    def __init__(self, transport) -> None:
+        self.server = transport.listen()
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=EchoServer("codec").serve,
+                                       args=(self.server, self.stop, 0.02), daemon=True)
+        self.thread.start()
+        self.client = transport.connect(self.server.address)
+
+    def call(self, tensors=None, **header):
+        frames = codec.encode(codec.Message({"id": 1, **header}, tensors or {}))
+        return codec.decode(self.client.request(frames, 30), copy=True)
+
+    def close(self) -> None:
+        self.client.close()
+        self.stop.set()
+        self.thread.join(timeout=30)
+        self.server.close()
+
+
+@pytest.fixture
+def served():
+    s = Served(make(arena_bytes=1 << 20))
+    yield s
+    s.close()
+
+
+def test_options_are_validated():
+    with pytest.raises(PluginError, match="arena_bytes"):
+        make(arena_bytes=10)
+    with pytest.raises(PluginError, match="typo"):
+        make(typo=1)
+
+
+def test_addresses():
+    t = make()
+    with pytest.raises(TransportError, match="shm://NAME"):
+        t.connect("tcp://127.0.0.1:5555")
+    with pytest.raises(PeerDead, match="no shm server"):
+        t.connect("shm://nobody-listens-here")
+    server = t.listen("shm://tsqp-test-fixed-name")
+    try:
+        assert server.address == "shm://tsqp-test-fixed-name"
+        with pytest.raises(TransportError, match="cannot listen"):
+            t.listen(server.address)
+    finally:
+        server.close()
+
+
+def test_segments_are_owner_only_and_unlinked_once_connected(served):
+    served.call()
+    assert ours() == set()  # the names went at the end of the handshake
+    link = served.server._link
+    for region in (link.req, link.rep):
+        st = os.fstat(region.shm.fd)
+        assert stat.S_IMODE(st.st_mode) == 0o600 and st.st_uid == os.getuid()
+        assert st.st_nlink == 0  # unlinked, still mapped
+
+
+def test_a_request_too_large_for_the_arena_is_an_error_and_the_link_survives(served):
+    with pytest.raises(MessageTooLarge, match="arena_bytes"):
+        served.call({"x": torch.zeros(1 << 20, dtype=torch.uint8)})
+    assert served.call({"x": torch.ones(3)}).tensors["x"].tolist() == [1.0, 1.0, 1.0]
+
+
+def test_a_reply_too_large_for_the_arena_becomes_an_error_reply(served):
+    reply = served.call({"x": torch.ones(2)}, grow=2 << 20)
+    assert reply.header["ok"] is False
+    assert "reply not sent" in reply.header["error"] and "arena_bytes" in reply.header["error"]
+    assert reply.header["id"] == 1
+    assert served.call({"x": torch.ones(2)}).header["ok"] is True
+
+
+def test_a_message_that_fills_the_arena_exactly(served):
+    def frames(n):
+        return codec.encode(codec.Message({"id": 1}, {"x": torch.zeros(n, dtype=torch.uint8)}))
+
+    header = len(frames(1 << 19)[0])  # msgpack writes any n in [2**16, 2**32) equally wide
+    fits = (1 << 20) - 64 - shm._align(header)  # table (2 entries, padded) + header + tensor
+    reply = codec.decode(served.client.request(frames(fits), 30))
+    assert reply.header["ok"] is True and reply.tensors["x"].numel() == fits
+    with pytest.raises(MessageTooLarge):
+        served.client.request(frames(fits + 1), 30)
+
+
+def test_a_request_out_of_sequence_drops_the_link_and_the_client_reconnects(served):
+    served.call()
+    served.client._link.seq += 5  # the next request carries a number the server does not expect
+    with pytest.raises(PeerDead, match="closed the connection"):
+        served.call()
+    assert served.call({"x": torch.ones(1)}).header["ok"] is True  # a new handshake
+
+
+def test_reader_rejects_control_blocks_that_do_not_describe_a_message():
+    name = f"/tsqp-{os.getpid()}-0badc0de-1-req"
+    seg = posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600,
+                                 size=shm.CTRL_BYTES + (1 << 16))
+    try:
+        region = shm._Region(seg, 1 << 16, writer=True)
+        with pytest.raises(shm._Malformed, match="magic"):
+            region.read(1)
+        region.write(3, [b"abc", b""])
+        assert [bytes(f) for f in region.read(3)] == [b"abc", b""]
+        with pytest.raises(shm._Malformed, match="numbered 3"):
+            region.read(4)
+        shm._table(2).pack_into(region.view, shm.CTRL_BYTES, 64, 3, 64, 1 << 20)  # out of bounds
+        with pytest.raises(shm._Malformed, match="outside"):
+            region.read(3)
+        shm._CTRL.pack_into(region.view, 0, shm.MAGIC, 3, 1 << 30, 0, 64)
+        with pytest.raises(shm._Malformed, match="frames"):
+            region.read(3)
+        region.close()
+    finally:
+        shm._unlink([name])
+
+
+def test_names_left_by_a_dead_server_are_swept_on_listen():
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = f"/tsqp-{dead.pid}-deadbeef-1-req"
+    live = f"/tsqp-{os.getpid()}-deadbeef-1-rep"
+    for name in (stale, live):
+        posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600, size=4096).close_fd()
+        posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600).close()
+    try:
+        make().listen().close()
+        assert ours() >= {live[1:], "sem." + live[1:]}
+        assert not ours() & {stale[1:], "sem." + stale[1:]}
+    finally:
+        shm._unlink([stale, live])
+
+
+def test_only_one_client_at_a_time_and_the_next_waits_its_turn(served):
+    t = make(connect_timeout_s=0.5)
+    with pytest.raises(TransportError, match="one client at a time"):
+        t.connect(served.server.address)
+    served.client.close()
+    other = t.connect(served.server.address)
+    other.close()
+
+
+# --- stage 1, end to end ---------------------------------------------------------------------
+
+
+def test_stage1_prefill_matches_transformers(run_tiny):
+    res = run_tiny("stage=stage1", "workload=prefill", "workload.prompt_tokens=48",
+                   "reference=true", "seed=3")
+    assert res["config"]["transport"] == "shm"
+    assert res["rpc"]["calls_per_forward"] == 98 and res["rpc"]["calls"] == 98
+    assert res["reference"]["max_abs_logit_diff"] <= 1e-4
+    assert res["reference"]["tokens_match"] is True
+
+
+def test_stage1_generate_matches_transformers(run_tiny):
+    """Decode steps reuse the GPU side's KV cache across requests: it must own its memory,
+    not keep views of borrowed shm frames."""
+    res = run_tiny("stage=stage1", "workload=generate", "workload.prompt_tokens=20",
+                   "workload.new_tokens=8", "reference=true", "seed=5")
+    assert res["reference"]["tokens_match"] is True
+    assert res["reference"]["max_abs_logit_diff"] <= 1e-4
+
+
+def _start_run(tmp_path, *overrides):
+    return subprocess.Popen(
+        [sys.executable, "-m", "tsqp_core", "run", "stage=stage1", "model=tiny",
+         "threads.tee=1", "threads.gpu=1", f"hydra.run.dir={tmp_path}", *overrides],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+        start_new_session=True)
+
+
+def _server_child(run: subprocess.Popen) -> int:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        out = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout
+        if out.strip():
+            return int(out.split()[0])
+        time.sleep(0.2)
+    raise AssertionError("the run started no GPU-side child")
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_server_mid_run_fails_the_run_clearly(tmp_path):
+    run = _start_run(tmp_path, "workload=generate", "workload.new_tokens=3000",
+                     "server.timeout_s=30")
+    try:
+        child = _server_child(run)
+        time.sleep(4)  # well into decoding
+        os.kill(child, signal.SIGKILL)
+        t0 = time.monotonic()
+        _, err = run.communicate(timeout=60)
+        assert time.monotonic() - t0 < 10  # noticed at once, not after server.timeout_s
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    assert run.returncode == 1
+    assert "tsqp: run failed:" in err and "exited with code -9" in err, err
+
+
+@pytest.mark.slow
+def test_ctrl_c_of_a_stage1_run_leaves_nothing(tmp_path):
+    run = _start_run(tmp_path, "workload=generate", "workload.new_tokens=3000")
+    try:
+        child = _server_child(run)
+        time.sleep(4)
+        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
+        run.wait(timeout=60)
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.wait()
+    time.sleep(0.5)
+    with pytest.raises(ProcessLookupError):
+        os.kill(child, 0)
