@@ -125,7 +125,7 @@ def decode(frames: Sequence[Any], *, copy: bool = False) -> Message:
         if name in tensors:
             raise ProtocolError(f"tensor '{name}' appears twice")
         view = memoryview(buf)
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         want = math.prod(shape) * itemsize
         if view.nbytes != want:
             raise ProtocolError(

@@ -38,6 +38,9 @@ class Backend(ABC):
 class Executor(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[PluginOptions]] = PluginOptions
+    #: A call holding a layer's rope..attn_context runs attention without materialising
+    #: scores (flash/SDPA): the reference then uses transformers' sdpa kernel, else eager.
+    fuses_attention: ClassVar[bool] = False
 
     def __init__(self, options: PluginOptions) -> None:
         self.options = options

@@ -22,13 +22,26 @@ class RefGeneration:
     step_ns: list[int]
 
 
-class Reference:
-    impl = "transformers"
+ATTENTION_OPS = frozenset({"rope", "attn_scores", "attn_softmax", "attn_context"})
 
-    def __init__(self, model_dir: Path, dtype: torch.dtype) -> None:
+
+def attention_kernel(fuses_attention: bool, gpu_ops: frozenset[str]) -> str:
+    """The transformers attention kernel that rounds like the split run.
+
+    In bf16 the two differ by more than a near-tie's logit gap: a split run that ships or
+    materialises attention scores and probabilities rounds them to the dtype, as ``eager``
+    does; a fused one never materialises them, as ``sdpa`` does not. Comparing each with its
+    like keeps ``tokens_match`` a statement about the split, not about the kernel choice."""
+    return "sdpa" if fuses_attention and ATTENTION_OPS <= gpu_ops else "eager"
+
+
+class Reference:
+    def __init__(self, model_dir: Path, dtype: torch.dtype, attention: str = "sdpa") -> None:
         from transformers import LlamaForCausalLM
 
-        self.model = LlamaForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+        self.model = LlamaForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation=attention).eval()
+        self.attention = attention
         self.version = __import__("transformers").__version__
 
     @torch.inference_mode()

@@ -1,0 +1,82 @@
+"""A preallocated per-generation KV cache on the GPU side.
+
+One buffer per layer for keys and one for values, allocated at the first write of that layer
+with room for ``max(needed, initial)`` positions and doubled (one copy) when full, never past
+the model's context. Layout is chosen by the attention kernel that reads it::
+
+    seq_dim=2 (SDPA):   [B, Hkv, capacity, d]   a prefix view is [B, Hkv, S, d]
+    seq_dim=1 (flash):  [B, capacity, Hkv, d]   a prefix view is [B, S, Hkv, d]
+
+Keys and values are counted apart (``length(layer, "k")`` / ``"v"``), as the server checks
+each before it runs an op that appends to it. :meth:`append` is the
+:class:`tsqp_core.ops.KVCache` interface the reference attention ops use, so a call that the
+backend does not fuse (say ``attn_scores`` alone) still works on this cache.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PreallocatedKVCache:
+    def __init__(self, *, kv_heads: int, head_dim: int, max_positions: int, dtype: torch.dtype,
+                 device: torch.device, seq_dim: int = 2, initial: int = 256) -> None:
+        if seq_dim not in (1, 2):
+            raise ValueError("seq_dim must be 1 (BSHD) or 2 (BHSD)")
+        self.kv_heads = kv_heads
+        self.head_dim = head_dim
+        self.max_positions = max_positions
+        self.dtype = dtype
+        self.device = device
+        self.seq_dim = seq_dim
+        self.initial = initial
+        self._buf: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
+        self._len: dict[str, dict[int, int]] = {"k": {}, "v": {}}
+
+    def length(self, layer: int, which: str = "k") -> int:
+        """Positions cached for ``layer`` (keys or values)."""
+        return self._len[which].get(layer, 0)
+
+    def nbytes(self) -> int:
+        """Bytes held by the buffers (allocated capacity, not just the filled prefix)."""
+        return sum(t.numel() * t.element_size() for d in self._buf.values() for t in d.values())
+
+    def _buffer(self, which: str, layer: int, batch: int, need: int) -> torch.Tensor:
+        """The buffer of ``layer`` with room for ``need`` positions (allocating or growing)."""
+        buf = self._buf[which].get(layer)
+        if need > self.max_positions:
+            raise ValueError(f"{need} positions exceed the model's {self.max_positions}")
+        if buf is not None:
+            if buf.shape[0] != batch:
+                raise ValueError(f"layer {layer}: batch {batch} does not match the cached "
+                                 f"batch {buf.shape[0]}")
+            if buf.shape[self.seq_dim] >= need:
+                return buf
+        cap = buf.shape[self.seq_dim] if buf is not None else self.initial
+        while cap < need:
+            cap *= 2
+        cap = min(cap, self.max_positions)
+        shape = ([batch, self.kv_heads, cap, self.head_dim] if self.seq_dim == 2
+                 else [batch, cap, self.kv_heads, self.head_dim])
+        new = torch.empty(shape, dtype=self.dtype, device=self.device)
+        if buf is not None:
+            have = self._len[which][layer]
+            new.narrow(self.seq_dim, 0, have).copy_(buf.narrow(self.seq_dim, 0, have))
+        self._buf[which][layer] = new
+        return new
+
+    def extend(self, which: str, layer: int, new: torch.Tensor) -> torch.Tensor:
+        """Append ``new`` ``[B, T, Hkv, d]`` (positions as dim 1, whatever the storage
+        layout) and return the whole cached prefix in the storage layout."""
+        batch, tokens = new.shape[0], new.shape[1]
+        have = self._len[which].get(layer, 0)
+        buf = self._buffer(which, layer, batch, have + tokens)
+        dst = buf.narrow(self.seq_dim, have, tokens)
+        dst.copy_(new.transpose(1, 2) if self.seq_dim == 2 else new)
+        self._len[which][layer] = have + tokens
+        return buf.narrow(self.seq_dim, 0, have + tokens)
+
+    def append(self, which: str, layer: int, new: torch.Tensor) -> torch.Tensor:
+        """The reference-op interface: ``new`` and the result are ``[B, Hkv, S, d]``."""
+        full = self.extend(which, layer, new.transpose(1, 2))
+        return full if self.seq_dim == 2 else full.transpose(1, 2)
