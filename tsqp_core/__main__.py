@@ -1,4 +1,4 @@
-"""Command line: ``python -m tsqp_core {run,serve,plugins} ...``.
+"""Command line: ``python -m tsqp_core {run,serve,bench,plugins,report} ...``.
 
 ``run`` and ``serve`` take Hydra overrides (``transport=shm executor=fused``, ``-m`` for sweeps,
 ``--help`` for the config groups)."""
@@ -21,8 +21,14 @@ commands:
                       (run --help lists the config groups; -m sweeps)
   serve [OVERRIDES]   run the GPU side alone (binds loopback unless transport.options
                       says otherwise); point a run at it with server.address=ADDRESS
+  bench WHAT [ARGS]   benchmarks; WHAT is one of: transport (bench WHAT --help)
   plugins             list installed plugins: name, family, package, version
+  report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
+                      results.json files under it (a sweep writes them itself)
 """
+
+#: ``bench`` subcommands: name -> module with ``main(argv) -> int``.
+BENCHES = {"transport": "tsqp_core.bench_transport"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -39,10 +45,22 @@ def main(argv: list[str] | None = None) -> int:
         from tsqp_core.app import serve_app
 
         return serve_app(rest)
+    if command == "bench":
+        if not rest or rest[0] not in BENCHES:
+            print(f"usage: python -m tsqp_core bench {{{','.join(BENCHES)}}} [ARGS]",
+                  file=sys.stderr)
+            return 2
+        import importlib
+
+        return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
     if command == "plugins":
         from tsqp_core.app import list_plugins
 
         return list_plugins()
+    if command == "report":
+        from tsqp_core.report import main as report_main
+
+        return report_main(rest)
     if command == "_child":
         from tsqp_core.launch import child_main
 

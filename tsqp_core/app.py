@@ -56,12 +56,22 @@ def run_app(args: list[str]) -> int:
         print(summary(result))
 
     saved = sys.argv
-    sys.argv = ["python -m tsqp_core run", *args]
+    sys.argv = ["python -m tsqp_core run", *launcher_defaults(args)]
     try:
         _run()
     finally:
         sys.argv = saved
     return status["code"]
+
+
+def launcher_defaults(args: list[str]) -> list[str]:
+    """tsqp's default for the joblib launcher is one job at a time (the plugin's is one per
+    CPU): jobs are timings, and each already runs threads.tee + threads.gpu threads; side by
+    side they share cores and measure each other. ``hydra.launcher.n_jobs=N`` still wins."""
+    if "hydra/launcher=joblib" in args and not any(
+            a.lstrip("+").startswith("hydra.launcher.n_jobs=") for a in args):
+        return [*args, "hydra.launcher.n_jobs=1"]
+    return args
 
 
 def serve_app(args: list[str]) -> int:

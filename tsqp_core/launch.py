@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import select
+import signal
 import subprocess
 import sys
 import threading
@@ -63,6 +64,7 @@ def child_main(spec_json: str) -> int:
     from tsqp_core.server import serve_forever
 
     spec = ServerSpec(**json.loads(spec_json))
+    _exit_with_parent()
     torch.set_num_threads(spec.threads)
     server, channel = build_server(spec)
 
@@ -71,6 +73,20 @@ def child_main(spec_json: str) -> int:
 
     serve_forever(server, channel, ready)
     return 0
+
+
+def _exit_with_parent(poll_s: float = 0.5) -> None:
+    """SIGTERM ourselves (a clean stop) once the run that started us is gone without stopping
+    us -- killed with SIGKILL, or a sweep worker torn down: an orphaned GPU side would keep
+    its memory, sockets and shared memory for good."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(poll_s)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True, name="tsqp-parent-watch").start()
 
 
 class ServerStartError(RuntimeError):

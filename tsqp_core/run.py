@@ -2,12 +2,20 @@
 
 Everything that can be checked is checked before a process starts: plugin names and
 options, the model, the prompt's length. The GPU side is always stopped at the end.
+
+Workloads: ``prefill`` (one forward, full logits: the seed's benchmark), ``generate``
+(prefill + decode with a KV cache) and ``bench`` (split against monolithic in one run:
+prefill of ``prompt_tokens`` seeded random ids, then ``new_tokens`` decode steps, timed for
+the split pipeline and then for transformers on the same weights, dtype and
+``threads.tee``; ``results.json`` gets a ``bench`` section with the medians and the
+``split / monolithic`` ratios). Warm-up repeats are never counted; reported times are medians.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import platform
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,7 +77,7 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> torch.Tensor:
     w = cfg.workload
-    if cfg.prompt is not None:
+    if cfg.prompt is not None and w.kind != "bench":  # a benchmark times shapes, not text
         if tokenizer is None:
             raise InputError(f"model '{cfg.model.name}' has no tokenizer; drop prompt= to use "
                              "random token ids")
@@ -80,7 +88,7 @@ def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> torch.Tenso
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
         prompt = torch.randint(0, ckpt.dims.vocab, (w.batch, w.prompt_tokens), generator=gen)
-    need = prompt.shape[1] + (w.new_tokens if w.kind == "generate" else 0)
+    need = prompt.shape[1] + (w.new_tokens if w.kind in ("generate", "bench") else 0)
     if need > ckpt.dims.max_positions:
         raise InputError(f"prompt of {prompt.shape[1]} tokens + {need - prompt.shape[1]} new "
                          f"tokens exceeds the model's context of {ckpt.dims.max_positions}")
@@ -112,8 +120,11 @@ def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
         finally:
             channel.close()
     result["config"]["device"] = info.get("device", cfg.device)
-    if cfg.reference:
+    if cfg.reference or cfg.workload.kind == "bench":
+        # The GPU side is stopped by now: the monolithic model has the TEE process's threads
+        # (threads.tee) to itself, as the split run's TEE side had.
         result["reference"] = compare(p, result.pop("_outputs"))
+        add_ratios(result)
     else:
         result.pop("_outputs")
         result["reference"] = None
@@ -122,8 +133,32 @@ def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
 
 
 def _progress(total: int, desc: str) -> tqdm:
+    """A bar over the repeats, on stderr, only where someone watches it (a terminal)."""
     return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr,
                 disable=total <= 1 or not sys.stderr.isatty())
+
+
+@dataclass
+class _ForwardMeter(Meter):
+    """A :class:`Meter` that also keeps the calls and bytes of the span's first forward
+    (the prefill): ``rpc.per_forward``, the seed's "calls and bytes per forward"."""
+
+    calls_per_forward: int = 0
+    first: dict[str, int] | None = None
+
+    def record_call(self, method: str, to_gpu: int, from_gpu: int, ns: int) -> None:
+        super().record_call(method, to_gpu, from_gpu, ns)
+        if self.first is None and self.calls == self.calls_per_forward:
+            rpc = self.rpc()
+            self.first = {k: rpc[k] for k in ("calls", "bytes_to_gpu", "bytes_from_gpu")}
+
+
+def host() -> dict[str, Any]:
+    """The machine a measurement was taken on."""
+    return {"platform": platform.platform(), "machine": platform.machine(),
+            "cpus": os.cpu_count(), "python": platform.python_version(),
+            "torch": torch.__version__,
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
 
 
 def measure(p: Prepared, model: SplitModel) -> dict[str, Any]:
@@ -133,9 +168,10 @@ def measure(p: Prepared, model: SplitModel) -> dict[str, Any]:
     tpots: list[float] = []
     meters: list[Meter] = []
     outputs: Any = None
-    bar = _progress(w.warmup + w.repeats, f"{cfg.stage} {w.kind}")
+    calls_per_forward = len(p.schedule.calls)
+    bar = _progress(w.warmup + w.repeats, f"{cfg.stage} {w.kind} split")
     for i in range(w.warmup + w.repeats):
-        model.remote.meter = meter = Meter()
+        model.remote.meter = meter = _ForwardMeter(calls_per_forward=calls_per_forward)
         t0 = now_ns()
         if w.kind == "prefill":
             from tsqp_core.pipeline import Session
@@ -149,8 +185,12 @@ def measure(p: Prepared, model: SplitModel) -> dict[str, Any]:
             outputs, ttft, tpot = logits, total, None
         else:
             sampler = Sampler(Sampling(w.temperature, w.top_p, cfg.seed))
-            stop = p.tokenizer.eos_token_ids if (p.tokenizer and cfg.prompt) else None
-            gen = generate(model, p.prompt, max(w.new_tokens, 1), sampler, stop)
+            if w.kind == "bench":  # a fixed amount of work: the prefill's token + new_tokens steps
+                stop, n_tokens = None, w.new_tokens + 1
+            else:
+                stop = p.tokenizer.eos_token_ids if (p.tokenizer and cfg.prompt) else None
+                n_tokens = max(w.new_tokens, 1)
+            gen = generate(model, p.prompt, n_tokens, sampler, stop)
             total = now_ns() - t0
             outputs, ttft = gen, gen.ttft_ns
             tpot = median([float(x) for x in gen.step_ns])
@@ -165,7 +205,8 @@ def measure(p: Prepared, model: SplitModel) -> dict[str, Any]:
     bar.close()
     mid = median_index(totals)
     meter = meters[mid]
-    calls_per_forward = len(p.schedule.calls)
+    rpc = meter.rpc()
+    per_forward = meter.first or {k: rpc[k] for k in ("calls", "bytes_to_gpu", "bytes_from_gpu")}
     result: dict[str, Any] = {
         "schema": SCHEMA,
         "tsqp_version": __version__,
@@ -175,31 +216,34 @@ def measure(p: Prepared, model: SplitModel) -> dict[str, Any]:
                    "model": cfg.model.name, "dtype": cfg.dtype, "device": cfg.device,
                    "threads": cfg.threads.model_dump()},
         "workload": {"kind": w.kind, "batch": w.batch, "prompt_tokens": int(p.prompt.shape[1]),
-                     "new_tokens": w.new_tokens if w.kind == "generate" else 0,
+                     "new_tokens": w.new_tokens if w.kind in ("generate", "bench") else 0,
                      "warmup": w.warmup, "repeats": w.repeats},
-        "rpc": {"calls_per_forward": calls_per_forward, **meter.rpc()},
+        "rpc": {"calls_per_forward": calls_per_forward, **rpc, "per_forward": per_forward},
         "latency_ms": {"total": totals[mid] / 1e6, "ttft": median(ttfts) / 1e6,
                        "tpot": (median(tpots) / 1e6) if tpots else None,
                        "breakdown": meter.breakdown(totals[mid]),
                        "repeats_total": [t / 1e6 for t in totals]},
         "exposure": p.schedule.exposure(p.protection.plaintext),
         "output_text": None,
+        "host": host(),
         "_outputs": outputs,
     }
     if w.kind != "prefill":
         result["tokens"] = outputs.tokens
-        if p.tokenizer is not None:
+        if p.tokenizer is not None and w.kind == "generate":
             result["output_text"] = p.tokenizer.decode(outputs.tokens[0])
     return result
 
 
 def compare(p: Prepared, outputs: Any) -> dict[str, Any]:
     """Run transformers on the same weights, dtype and threads; compare and time it."""
-    from tsqp_core.reference import Reference
+    from tsqp_core.reference import Reference, attention_kernel
 
     w = p.cfg.workload
-    ref = Reference(p.model_dir, p.cfg.torch_dtype)
+    kernel = attention_kernel(p.executor.fuses_attention, p.partition.gpu_ops())
+    ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel)
     totals, ttfts, tpots = [], [], []
+    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage} {w.kind} monolithic")
     for i in range(w.warmup + w.repeats):
         if w.kind == "prefill":
             logits, ns = ref.prefill(p.prompt)
@@ -209,11 +253,13 @@ def compare(p: Prepared, outputs: Any) -> dict[str, Any]:
             gen = ref.generate(p.prompt, len(outputs.tokens[0]))
             ns, ttft = now_ns() - t0, gen.ttft_ns
             tpot = median([float(x) for x in gen.step_ns])
+        bar.update()
         if i >= w.warmup:
             totals.append(ns)
             ttfts.append(ttft)
             if tpot is not None:
                 tpots.append(tpot)
+    bar.close()
     if w.kind == "prefill":
         diff = (outputs.float() - logits.float()).abs().max().item()
         tokens_match = bool(torch.equal(outputs.argmax(-1), logits.argmax(-1)))
@@ -226,11 +272,37 @@ def compare(p: Prepared, outputs: Any) -> dict[str, Any]:
             diff = max(diff, (a.float() - b.float()).abs().max().item())
             if ref_tokens != tokens:  # inputs differ from here on
                 break
-    return {"impl": f"transformers {ref.version}",
+    return {"impl": f"transformers {ref.version} ({ref.attention} attention)",
             "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
-                           "tpot": (median(tpots) / 1e6) if tpots else None},
+                           "tpot": (median(tpots) / 1e6) if tpots else None,
+                           "repeats_total": [t / 1e6 for t in totals]},
             "max_abs_logit_diff": diff, "tokens_match": tokens_match,
             "reference_tokens": gen.tokens if gen is not None else None}
+
+
+def _ratio(split: float | None, mono: float | None) -> float | None:
+    return split / mono if split is not None and mono else None
+
+
+def add_ratios(result: dict[str, Any]) -> None:
+    """``ratio`` (split / monolithic for total, ttft, tpot) wherever both times exist, and for
+    ``bench`` the ``bench`` section: prefill and per-token decode, split, monolithic, ratio."""
+    lat, ref = result["latency_ms"], result["reference"]["latency_ms"]
+    result["ratio"] = {k: _ratio(lat.get(k), ref.get(k)) for k in ("total", "ttft", "tpot")}
+    if result["workload"]["kind"] != "bench":
+        return
+    threads = result["config"]["threads"]
+    result["bench"] = {
+        "prefill_ms": {"split": lat["ttft"], "monolithic": ref["ttft"],
+                       "ratio": result["ratio"]["ttft"]},
+        "decode_ms_per_token": {"split": lat["tpot"], "monolithic": ref["tpot"],
+                                "ratio": result["ratio"]["tpot"]},
+        "total_ms": {"split": lat["total"], "monolithic": ref["total"],
+                     "ratio": result["ratio"]["total"]},
+        "decode_steps": result["workload"]["new_tokens"],
+        "threads": {"split_tee": threads["tee"], "split_gpu": threads["gpu"],
+                    "monolithic": threads["tee"]},
+    }
 
 
 def write_results(outdir: Path, result: dict[str, Any]) -> Path:
@@ -262,8 +334,15 @@ def summary(result: dict[str, Any]) -> str:
     lines.append("gpu side sees in plaintext: " + "; ".join(exposed))
     ref = result.get("reference")
     if ref:
-        ratio = lat["total"] / ref["latency_ms"]["total"] if ref["latency_ms"]["total"] else None
+        ratio = (result.get("ratio") or {}).get("total")
         lines.append(f"reference ({ref['impl']}): max |dlogit| {ref['max_abs_logit_diff']:.3g}, "
                      f"tokens match: {ref['tokens_match']}, total {ref['latency_ms']['total']:.1f} ms"
                      + (f", split/monolithic {ratio:.2f}x" if ratio else ""))
+    bench = result.get("bench")
+    if bench:
+        for key, what in (("prefill_ms", "prefill"), ("decode_ms_per_token", "decode/token")):
+            b = bench[key]
+            if b["split"] is not None and b["monolithic"] is not None:
+                lines.append(f"bench {what}: split {b['split']:.2f} ms, monolithic "
+                             f"{b['monolithic']:.2f} ms, split/monolithic {b['ratio']:.2f}x")
     return "\n".join(lines)

@@ -180,5 +180,7 @@ def load_tokenizer(kind: str, path: pathlib.Path | None) -> Tokenizer:
             raise ValueError("tokenizer kind 'hf' needs a path to a Hugging Face directory")
         return HFTokenizer(path)
     if kind == "llama3":
+        if path is not None and path.is_dir():  # a model directory: its own tokenizer.model, if any
+            path = path / "tokenizer.model" if (path / "tokenizer.model").is_file() else None
         return Llama3Tokenizer(path)
     raise ValueError(f"unknown tokenizer kind {kind!r}; choose one of {', '.join(TOKENIZER_KINDS)}")
