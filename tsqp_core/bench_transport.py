@@ -109,23 +109,13 @@ def echo_process(transport: str, options: dict[str, Any] | None = None, *, mode:
                  ) -> Iterator[tuple[str, Watchdog, subprocess.Popen]]:
     """An echo server in a child process; yields ``(address, watchdog, process)`` and always
     stops and reaps the child."""
-    from tsqp_core.launch import _wait_ready, stop_process
+    from tsqp_core.launch import spawn_ready
 
     spec = {"transport": transport, "options": options or {}, "mode": mode, "address": address}
     env = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tsqp_core.bench_transport", "_echo",
-                             json.dumps(spec)],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
-    try:
-        ready_at = _wait_ready(proc, startup_timeout)
-
-        def watchdog() -> str | None:
-            code = proc.poll()
-            return None if code is None else f"echo server exited with code {code}"
-
-        yield ready_at, watchdog, proc
-    finally:
-        stop_process(proc)
+    with spawn_ready([sys.executable, "-m", "tsqp_core.bench_transport", "_echo",
+                      json.dumps(spec)], env, startup_timeout, "echo server") as ready:
+        yield ready
 
 
 # --- the benchmark --------------------------------------------------------------------------

@@ -115,27 +115,37 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
         return
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                OMP_NUM_THREADS=str(spec.threads))
-    proc = subprocess.Popen([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()],
-                            stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env, text=True)
+    with spawn_ready([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()], env,
+                     startup_timeout, "GPU server") as (address, watchdog, _):
+        yield address, watchdog
+
+
+@contextlib.contextmanager
+def spawn_ready(argv: list[str], env: dict[str, str], startup_timeout: float,
+                what: str) -> Iterator[tuple[str, Watchdog, subprocess.Popen]]:
+    """Start a child that prints ``READY {"address": ...}`` when it serves; yields
+    ``(address, watchdog, process)`` and always stops and reaps it."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
+                            text=True)
     try:
-        address = _wait_ready(proc, startup_timeout)
+        address = _wait_ready(proc, startup_timeout, what)
 
         def watchdog() -> str | None:
             code = proc.poll()
-            return None if code is None else f"GPU server process exited with code {code}"
+            return None if code is None else f"{what} process exited with code {code}"
 
-        yield address, watchdog
+        yield address, watchdog, proc
     finally:
         stop_process(proc)
 
 
-def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
+def _wait_ready(proc: subprocess.Popen, timeout: float, what: str) -> str:
     deadline = time.monotonic() + timeout
     assert proc.stdout is not None
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise ServerStartError(f"GPU server did not become ready within {timeout:g} s")
+            raise ServerStartError(f"{what} did not become ready within {timeout:g} s")
         ready, _, _ = select.select([proc.stdout], [], [], min(left, 0.5))
         if ready:
             line = proc.stdout.readline()
@@ -145,7 +155,7 @@ def _wait_ready(proc: subprocess.Popen, timeout: float) -> str:
                 sys.stdout.write(line)
                 continue
         if proc.poll() is not None:
-            raise ServerStartError(f"GPU server exited with code {proc.returncode} before it "
+            raise ServerStartError(f"{what} exited with code {proc.returncode} before it "
                                    "was ready (its messages are above)")
 
 

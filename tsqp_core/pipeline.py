@@ -7,8 +7,6 @@ applied on the way out and back. Values are dropped as soon as no later step rea
 
 from __future__ import annotations
 
-import itertools
-import os
 import secrets
 from dataclasses import dataclass, field
 from typing import Any, Mapping
@@ -17,6 +15,7 @@ import torch
 
 from tsqp_core import ops
 from tsqp_core.client import RemoteGpu
+from tsqp_core.decode import Generation, decode_loop
 from tsqp_core.graph import Dims
 from tsqp_core.metrics import Meter, now_ns
 from tsqp_core.protection import Protection
@@ -113,50 +112,24 @@ class Sampler:
         return torch.multinomial(probs, 1, generator=self.gen).squeeze(-1)
 
 
-@dataclass
-class Generation:
-    tokens: list[list[int]]  # [B][new]
-    step_logits: list[torch.Tensor]  # per step: last-position logits [B, V]
-    ttft_ns: int
-    step_ns: list[int]
-
-
 def generate(model: SplitModel, prompt: torch.Tensor, new_tokens: int, sampler: Sampler,
              stop_ids: set[int] | None = None) -> Generation:
     """Prefill ``prompt`` then decode ``new_tokens`` steps with the KV cache; stops early only
     when every sequence has produced a stop token."""
     session = Session()
     meter = model.meter
-    logits_seen: list[torch.Tensor] = []
-    out: list[list[int]] = [[] for _ in range(prompt.shape[0])]
-    step_ns: list[int] = []
+
+    def pick(logits: torch.Tensor) -> torch.Tensor:
+        with meter.time("tee_compute"):
+            return sampler(logits)
+
     try:
-        t0 = now_ns()
-        logits = model.forward(prompt, session, last_only=True)[:, -1]
-        ttft = 0
-        for step in range(new_tokens):
-            ts = now_ns()
-            with meter.time("tee_compute"):
-                nxt = sampler(logits)
-            logits_seen.append(logits)
-            for row, tok in zip(out, nxt.tolist()):
-                row.append(tok)
-            if step == 0:
-                ttft = now_ns() - t0
-            else:
-                step_ns.append(now_ns() - ts + pending)
-            if stop_ids and all(r[-1] in stop_ids for r in out):
-                break
-            if step + 1 == new_tokens:
-                break
-            ts = now_ns()
-            logits = model.forward(nxt[:, None], session, last_only=True)[:, -1]
-            pending = now_ns() - ts
-        if new_tokens == 0:
-            ttft = now_ns() - t0
+        return decode_loop(
+            lambda: model.forward(prompt, session, last_only=True)[:, -1],
+            lambda tokens: model.forward(tokens, session, last_only=True)[:, -1],
+            pick, new_tokens, stop_ids)
     finally:
         try:
             model.end(session)
         except Exception:
             pass  # the peer may be gone; the original error matters more
-    return Generation(out, logits_seen, ttft, step_ns)
