@@ -27,6 +27,7 @@ from tqdm import tqdm
 from tsqp_core import __version__
 from tsqp_core.client import RemoteGpu
 from tsqp_core.config import RunConfig, resolve_device
+from tsqp_core.graph import Op
 from tsqp_core.launch import ServerSpec, gpu_side
 from tsqp_core.metrics import Meter, median, median_index, now_ns
 from tsqp_core.models.source import Checkpoint, fingerprint, load_weights, resolve
@@ -61,7 +62,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     plugins = get_plugins()
     objs = {fam: plugins.registry(fam).create(getattr(cfg, fam).name, getattr(cfg, fam).options)
             for fam in ("transport", "executor", "partition", "protection", "tee_ops")}
-    resolve_device(cfg.device) if cfg.device != "auto" else None
+    if cfg.server.address is None:  # a server we start here must find its device here
+        resolve_device(cfg.device)
     model_dir = resolve(cfg.model)
     ckpt = Checkpoint(model_dir)
     schedule = build_schedule(ckpt.dims.layers, objs["partition"].gpu_ops(), objs["executor"].group)
@@ -102,7 +104,7 @@ def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
                       model_dir=str(p.model_dir), executor=cfg.executor.model_dump(),
                       dtype=cfg.dtype, device=cfg.device, threads=cfg.threads.gpu,
                       max_sessions=cfg.server.max_sessions)
-    tee_kinds = {op.kind for op in p.schedule.steps if not hasattr(op, "ops")}
+    tee_kinds = {step.kind for step in p.schedule.steps if isinstance(step, Op)}
     weights = load_weights(p.ckpt, tee_kinds, cfg.torch_dtype)
     with gpu_side(spec, in_process=p.transport.in_process, external=cfg.server.address,
                   startup_timeout=cfg.server.startup_timeout_s) as (address, watchdog):

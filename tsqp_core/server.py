@@ -30,8 +30,8 @@ import torch
 from tsqp_core import codec
 from tsqp_core.codec import Message, ProtocolError
 from tsqp_core.executor import Backend, Executor
-from tsqp_core.graph import (INTEGER_VALUES, STATEFUL, Op, batch_and_tokens, expected_shape,
-                             forward_ops, value_kind)
+from tsqp_core.graph import (INTEGER_VALUES, STATEFUL, TAIL_VALUES, Op, batch_and_tokens,
+                             expected_shape, forward_ops, value_kind)
 from tsqp_core.metrics import now_ns
 from tsqp_core.models.source import Checkpoint, fingerprint
 from tsqp_core.transport import MessageTooLarge, ServerChannel
@@ -204,9 +204,9 @@ class GpuServer:
                       last: bool) -> None:
         if set(env) != set(call.inputs):
             raise RequestError(f"call wants tensors {list(call.inputs)}, got {list(env)}")
-        bt = next((batch_and_tokens(n, t.shape) for n, t in env.items()
-                   if batch_and_tokens(n, t.shape) is not None
-                   and not (last and value_kind(n) in ("xf", "logits"))), None)
+        bt = next((bt for n, t in env.items()
+                   if not (last and value_kind(n) in TAIL_VALUES)
+                   and (bt := batch_and_tokens(n, t.shape)) is not None), None)
         if bt is None:  # only tail values: take the batch from one of them
             t = next(t for n, t in env.items() if value_kind(n) != "pos")
             bt = (t.shape[0], 1)
