@@ -49,15 +49,25 @@ class Message:
         return sum(t.numel() * t.element_size() for t in self.tensors.values())
 
 
+#: numpy has no bfloat16: its bytes travel through the same-sized integer view.
+_NUMPY_VIEW = {torch.bfloat16: torch.int16}
+
+
 def tensor_buffer(t: torch.Tensor) -> memoryview:
-    """The bytes of ``t`` as a flat memoryview, copying only if ``t`` is not contiguous."""
-    t = t.detach()
-    if t.device.type != "cpu":
+    """The bytes of ``t`` as a flat memoryview; copies only a non-contiguous or device
+    tensor. On the hot path (every tensor of every call), so each check is the cheap kind."""
+    if not t.is_cpu:
         t = t.cpu()
-    t = t.contiguous()
+    if t.requires_grad:
+        t = t.detach()
+    if not t.is_contiguous():
+        t = t.contiguous()
     if t.numel() == 0:
         return memoryview(b"")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    view = _NUMPY_VIEW.get(t.dtype)
+    if view is not None:
+        t = t.view(view)
+    return memoryview(t.reshape(-1).numpy()).cast("B")
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[list], list[Any]]:
