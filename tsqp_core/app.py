@@ -41,17 +41,12 @@ def run_app(args: list[str]) -> int:
         try:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             result = run(config, Path(HydraConfig.get().runtime.output_dir))
-        except _user_errors() as exc:
-            print(f"tsqp: error: {exc}", file=sys.stderr)
-            status["code"] = 2
+        except (*_user_errors(), *_runtime_errors()) as exc:
+            yours = isinstance(exc, _user_errors())  # a fix in the command line, exit 2
+            print(f"tsqp: {'error' if yours else 'run failed'}: {exc}", file=sys.stderr)
+            status["code"] = 2 if yours else 1
             if HydraConfig.get().mode.name == "MULTIRUN":
-                raise
-            return
-        except _runtime_errors() as exc:
-            print(f"tsqp: run failed: {exc}", file=sys.stderr)
-            status["code"] = 1
-            if HydraConfig.get().mode.name == "MULTIRUN":
-                raise
+                raise  # the sweep must see the job fail
             return
         print(summary(result))
 

@@ -47,7 +47,7 @@ def load_flash_attn(required: bool) -> Callable[..., torch.Tensor] | None:
     except ImportError as exc:
         if required:
             raise ValueError(f"executor.options.attention=flash but flash-attn does not import "
-                             f"({exc}); install tsqp-executor-fused[flash] or use auto") from None
+                             f"({exc}); install tsqp-executor-fused[gpu] or use auto") from None
         return None
     return flash_attn_func
 
