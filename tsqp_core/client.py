@@ -76,6 +76,7 @@ class RemoteGpu:
         reply, t_enc, t_rtt, t_dec, sent = self._request(
             {"m": "call", "plan": self.plan_id, "c": call.index, "s": session, "past": past,
              "last": last_only}, inputs)
+        t_check = now_ns()
         out = reply.tensors
         if list(out) != list(call.outputs):
             raise RemoteError(f"call {call.method}: expected tensors {list(call.outputs)}, "
@@ -86,6 +87,7 @@ class RemoteGpu:
             if tuple(t.shape) != want or t.dtype != want_dtype:
                 raise RemoteError(f"call {call.method}: tensor '{name}' is {list(t.shape)} "
                                   f"{t.dtype}, expected {list(want)} {want_dtype}")
+        t_check = now_ns() - t_check
         timings = reply.header.get("t")
         if not (isinstance(timings, list) and len(timings) == 3
                 and all(isinstance(x, int) and 0 <= x for x in timings)):
@@ -93,7 +95,7 @@ class RemoteGpu:
         s_dec, s_compute, s_enc = timings
         server_ns = s_dec + s_compute + s_enc
         m = self.meter
-        m.add("serialize", t_enc + t_dec + s_dec + s_enc)
+        m.add("serialize", t_enc + t_dec + t_check + s_dec + s_enc)
         m.add("gpu_compute", s_compute)
         m.add("transport", max(0, t_rtt - server_ns))
         received = sum(t.numel() * t.element_size() for t in out.values())

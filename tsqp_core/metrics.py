@@ -1,8 +1,8 @@
 """Where time and bytes go: the breakdown every run reports (DESIGN.md section 5).
 
-Categories are the seed's: ``serialize`` (codec work on both sides), ``transport`` (round
-trip minus everything the server reported doing), ``gpu_compute`` (the server's own timer,
-device synchronised), ``tee_compute`` (TEE-side ops and sampling) and ``other`` (the rest of
+Categories are the seed's: ``serialize`` (codec work and message checks, both sides),
+``transport`` (round trip minus everything the server reported doing), ``gpu_compute``
+(the server's own timer, device synchronised), ``tee_compute`` (TEE-side ops and sampling) and ``other`` (the rest of
 the wall time, so the parts always add up to the total).
 """
 

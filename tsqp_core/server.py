@@ -4,6 +4,9 @@ Protocol (header fields; tensors travel as codec frames, named by value)::
 
     hello  {m, id, fingerprint, executor, dtype, plan}  -> {ok, plan_id, device, dims}
     call   {m, id, plan, c, s, past, last} + inputs     -> {ok, t: [decode, compute, encode]} + outputs
+
+``t`` is the server's own nanoseconds: decoding and validating the request, running it
+(device synchronised), encoding the reply.
     end    {m, id, s}                                   -> {ok}
     ping   {m, id}                                      -> {ok}
 
@@ -166,6 +169,7 @@ class GpuServer:
     # --- call -------------------------------------------------------------------------------
 
     def _call(self, msg: Message, req_id: int, t_decode: int) -> list[Any]:
+        t_checks = now_ns()
         h = msg.header
         plan = self._plans.get(h.get("plan"))
         if plan is None or self._backend is None:
@@ -187,6 +191,7 @@ class GpuServer:
                     raise RequestError(f"layer {op.layer} cache holds {have} positions, call says "
                                        f"past={past}; session {session} reset")
         t0 = now_ns()
+        t_decode += t0 - t_checks  # validating a request is part of reading it
         try:
             self._backend.run(call.ops, env, cache, bool(last))
             self._backend.synchronize()
