@@ -6,6 +6,7 @@ latency is the ``split / monolithic`` denominator and its logits are the correct
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 import torch
@@ -27,18 +28,24 @@ def attention_kernel(fuses_attention: bool, gpu_ops: frozenset[str]) -> str:
 
 
 class Reference:
-    def __init__(self, model_dir: Path, dtype: torch.dtype, attention: str = "sdpa") -> None:
+    """transformers' LlamaForCausalLM on ``device`` -- the GPU side's device, so the
+    monolithic time is measured on the same hardware. Logits come back to the CPU (inside
+    the timer: the split run pays for the same trip), where the split run's are."""
+
+    def __init__(self, model_dir: Path, dtype: torch.dtype, attention: str = "sdpa",
+                 device: torch.device = torch.device("cpu")) -> None:
         from transformers import LlamaForCausalLM
 
+        self.device = device
         self.model = LlamaForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation=attention).eval()
+            model_dir, dtype=dtype, attn_implementation=attention).to(device).eval()
         self.attention = attention
         self.version = __import__("transformers").__version__
 
     @torch.inference_mode()
     def prefill(self, ids: torch.Tensor) -> tuple[torch.Tensor, int]:
         t0 = now_ns()
-        logits = self.model(ids, use_cache=False).logits
+        logits = self.model(ids.to(self.device), use_cache=False).logits.cpu()
         return logits, now_ns() - t0
 
     @torch.inference_mode()
@@ -46,8 +53,13 @@ class Reference:
         """Greedy decoding with transformers' own KV cache."""
         from transformers import DynamicCache
 
-        cache = DynamicCache(config=self.model.config)
+        # transformers renamed past_key_values to cache (5.2x); an unknown keyword would be
+        # swallowed by **kwargs and silently decode without the cache
+        params = inspect.signature(self.model.forward).parameters
+        key = "cache" if "cache" in params else "past_key_values"
+        kv = {key: DynamicCache(config=self.model.config), "use_cache": True}
+        dev = self.device
         return decode_loop(
-            lambda: self.model(prompt, cache=cache, use_cache=True, logits_to_keep=1).logits[:, -1],
-            lambda tokens: self.model(tokens, cache=cache, use_cache=True).logits[:, -1],
+            lambda: self.model(prompt.to(dev), logits_to_keep=1, **kv).logits[:, -1].cpu(),
+            lambda tokens: self.model(tokens.to(dev), **kv).logits[:, -1].cpu(),
             lambda logits: logits.argmax(-1), new_tokens)

@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from tsqp_core import __version__
 from tsqp_core.client import RemoteGpu
-from tsqp_core.config import RunConfig, resolve_device
+from tsqp_core.config import ConfigError, RunConfig, resolve_device
 from tsqp_core.graph import Op
 from tsqp_core.launch import ServerSpec, gpu_side
 from tsqp_core.metrics import Meter, median, median_index, now_ns
@@ -243,7 +243,11 @@ def compare(p: Prepared, outputs: Any) -> dict[str, Any]:
 
     w = p.cfg.workload
     kernel = attention_kernel(p.executor.fuses_attention, p.partition.gpu_ops())
-    ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel)
+    try:  # the GPU side's device, when this host has it (a remote server's may not be here)
+        device = resolve_device(p.cfg.device)
+    except ConfigError:
+        device = torch.device("cpu")
+    ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel, device)
     totals, ttfts, tpots = [], [], []
     bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage} {w.kind} monolithic")
     for i in range(w.warmup + w.repeats):
@@ -274,7 +278,7 @@ def compare(p: Prepared, outputs: Any) -> dict[str, Any]:
             diff = max(diff, (a.float() - b.float()).abs().max().item())
             if ref_tokens != tokens:  # inputs differ from here on
                 break
-    return {"impl": f"transformers {ref.version} ({ref.attention} attention)",
+    return {"impl": f"transformers {ref.version} ({ref.attention} attention, {ref.device})",
             "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
                            "tpot": (median(tpots) / 1e6) if tpots else None,
                            "repeats_total": [t / 1e6 for t in totals]},
