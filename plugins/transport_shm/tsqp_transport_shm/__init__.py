@@ -42,6 +42,9 @@ One exchange (each semaphore counts 0 or 1)::
     check ctrl: seq == k, table bounds
     return read-only views into rep (borrowed until the next request)
 
+Every ``sem_wait`` first polls the semaphore for ``spin_us`` (waking a sleeping process costs
+more than a small exchange), then sleeps on it in slices.
+
 ``sem_post``/``sem_wait`` are full memory barriers: everything written before the post is
 visible after the wait, so a reader never sees a half-written message (no torn reads); the
 sequence number in the control block rejects a stale or replayed one.
