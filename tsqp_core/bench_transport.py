@@ -77,13 +77,9 @@ class EchoServer:
 
     def serve(self, channel: ServerChannel, stop: threading.Event | None = None,
               poll_s: float = 0.05) -> None:
-        from tsqp_core.server import send_reply
+        from tsqp_core.server import serve_loop
 
-        while stop is None or not stop.is_set():
-            frames = channel.recv(timeout=poll_s)
-            if frames is None:
-                continue
-            send_reply(channel, self.handle(frames))
+        serve_loop(channel, self.handle, stop, poll_s)
 
 
 def _child(spec_json: str) -> int:

@@ -31,7 +31,7 @@ from tsqp_core.graph import Op
 from tsqp_core.launch import ServerSpec, gpu_side
 from tsqp_core.metrics import Meter, median, median_index, now_ns
 from tsqp_core.models.source import Checkpoint, fingerprint, load_weights, resolve
-from tsqp_core.pipeline import Sampler, Sampling, SplitModel, generate
+from tsqp_core.pipeline import Sampler, Sampling, Session, SplitModel, generate
 from tsqp_core.plugins import get_plugins
 from tsqp_core.schedule import build_schedule
 
@@ -176,8 +176,6 @@ def measure(p: Prepared, model: SplitModel) -> dict[str, Any]:
         model.remote.meter = meter = _ForwardMeter(calls_per_forward=calls_per_forward)
         t0 = now_ns()
         if w.kind == "prefill":
-            from tsqp_core.pipeline import Session
-
             session = Session()
             try:
                 logits = model.forward(p.prompt, session)

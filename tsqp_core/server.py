@@ -76,11 +76,7 @@ class GpuServer:
     def serve(self, channel: ServerChannel, stop: threading.Event | None = None,
               poll_s: float = 0.2) -> None:
         """Answer requests until ``stop`` is set (or forever)."""
-        while stop is None or not stop.is_set():
-            frames = channel.recv(timeout=poll_s)
-            if frames is None:
-                continue
-            send_reply(channel, self.handle(frames))
+        serve_loop(channel, self.handle, stop, poll_s)
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """One request's frames in, the reply's frames out. Never raises."""
@@ -236,6 +232,16 @@ class GpuServer:
                 self._sessions.popitem(last=False)
         self._sessions.move_to_end(session)
         return cache
+
+
+def serve_loop(channel: ServerChannel, handle: Callable[[list[Any]], list[Any]],
+               stop: threading.Event | None, poll_s: float) -> None:
+    """Receive, ``handle`` (which never raises), reply -- until ``stop`` is set."""
+    while stop is None or not stop.is_set():
+        frames = channel.recv(timeout=poll_s)
+        if frames is None:
+            continue
+        send_reply(channel, handle(frames))
 
 
 def send_reply(channel: ServerChannel, reply: list[Any]) -> None:
