@@ -345,3 +345,158 @@ def test_a_run_samples_with_the_workload_temperature_top_p_and_seed(run_tiny):
     assert tokens(2, 50.0) != hot, "another seed must give other tokens"
     # a nucleus of one token is greedy, whatever the temperature
     assert tokens(1, 50.0, top_p=1e-6) == greedy, "top_p must reach the sampler"
+
+
+# --- 3. RoPE in bf16 past position 256, and LLaMA-3 RoPE end to end -----------------------
+#
+# bf16 holds integers exactly only up to 256: a position rounded through bf16 on the way
+# to the tables (``pos.to(bfloat16)``, ``arange(n, dtype=bfloat16)``) is right below 257 and
+# wrong from there on (257 -> 256, 259 -> 260, ...). The tiny model's Llama-3 rope scaling
+# has original_max_position_embeddings 256 as well.
+
+POSITIONS = 4096
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt():
+    from test_executor_parity import compose as parity_compose
+
+    from tsqp_core.models.source import Checkpoint
+
+    return Checkpoint(resolve(parity_compose().model))
+
+
+def _hf_rope(ckpt, pos: torch.Tensor, dtype: torch.dtype):
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    cos, sin = LlamaRotaryEmbedding(ckpt.config)(torch.zeros(1, dtype=dtype), pos[None])
+    return cos[0], sin[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_rope_tables_are_computed_in_fp32_then_cast(tiny_ckpt, dtype):
+    """Catches: positions (or angles) rounded through the model's dtype before cos/sin."""
+    from tsqp_core.ops import Rope
+
+    rope = Rope(tiny_ckpt.config, tiny_ckpt.dims.head_dim)
+    pos = torch.arange(POSITIONS)
+    cos, sin = rope.cos_sin(pos, dtype)
+    assert cos.shape == sin.shape == (POSITIONS, tiny_ckpt.dims.head_dim) and cos.dtype == dtype
+    # fp32 angles from exact integer positions, then one cast
+    angles = pos.float()[:, None] * rope.inv_freq.float()[None, :]
+    angles = torch.cat([angles, angles], dim=-1)
+    assert torch.equal(cos, angles.cos().to(dtype)) and torch.equal(sin, angles.sin().to(dtype))
+    # transformers' own LLaMA rotary embedding (Llama-3 scaling included), bit for bit
+    hf_cos, hf_sin = _hf_rope(tiny_ckpt, pos, dtype)
+    assert torch.equal(cos, hf_cos) and torch.equal(sin, hf_sin)
+    # and within one rounding (half an ulp of the dtype) of the float64 truth at every
+    # position, plus the fp32 angle's own rounding (|angle| < 4096 rad, 2**-24 relative)
+    truth = pos.double()[:, None] * rope.inv_freq.double()[None, :]
+    truth = torch.cat([truth, truth], dim=-1)
+    half_ulp = {torch.bfloat16: 2 ** -9, torch.float16: 2 ** -12, torch.float32: 2 ** -25}[dtype]
+    bound = half_ulp + POSITIONS * 2 ** -23
+    assert (cos.double() - truth.cos()).abs().max() <= bound
+    assert (sin.double() - truth.sin()).abs().max() <= bound
+    # neighbours past 256 are distinct positions (the fastest frequency turns ~1 rad a step)
+    assert not torch.equal(cos[257], cos[256]) and not torch.equal(cos[259], cos[260])
+
+
+def test_fused_rope_tables_match_rope_past_256(tiny_ckpt):
+    """The fused backend's precomputed half-width tables, and RoPE applied with them, agree
+    with :class:`Rope` and with transformers at positions 256..4095. Catches: tables built
+    over bf16 positions, or indexed by rounded ones."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+    from tsqp_executor_fused.backend import rope_inplace
+
+    from tsqp_core.ops import Rope
+    from tsqp_core.plugins import get_plugins
+
+    dtype, d = torch.bfloat16, tiny_ckpt.dims
+    backend = get_plugins().executors.create("fused").backend(
+        tiny_ckpt, frozenset({"rope"}), dtype, torch.device("cpu"))
+    half = d.head_dim // 2
+    cos, sin = Rope(tiny_ckpt.config, d.head_dim).cos_sin(torch.arange(POSITIONS), dtype)
+    assert backend._cos.shape == (POSITIONS, half) and backend._cos.dtype == dtype
+    assert torch.equal(backend._cos, cos[:, :half]) and torch.equal(backend._sin, sin[:, :half])
+    assert torch.equal(cos[:, half:], cos[:, :half])  # what makes half-width tables enough
+    # RoPE over q [B, T, H, d] at positions past 256, as the fused attention step applies it
+    pos = torch.tensor([256, 257, 258, 259, 300, 511, 513, 1025, 4095])
+    q = torch.randn(1, len(pos), d.heads, d.head_dim,
+                    generator=torch.Generator().manual_seed(0)).to(dtype)
+    got = q.clone()
+    rope_inplace(got, *backend._cos_sin(pos))
+    hf_cos, hf_sin = _hf_rope(tiny_ckpt, pos, dtype)
+    want, _ = apply_rotary_pos_emb(q.transpose(1, 2), q.transpose(1, 2), hf_cos[None],
+                                   hf_sin[None])
+    assert torch.equal(got, want.transpose(1, 2))
+
+
+def test_tee_rope_op_in_bf16_past_256(tiny_ckpt):
+    """The reference RoPE op (TEE side, and the unfused GPU side) in bf16 at positions past
+    256 matches transformers bit for bit. Catches: ``pos`` cast to the activations' dtype."""
+    from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
+
+    from tsqp_core import ops
+    from tsqp_core.graph import forward_ops
+
+    d, dtype = tiny_ckpt.dims, torch.bfloat16
+    pos = torch.arange(250, 330)
+    gen = torch.Generator().manual_seed(1)
+    q = torch.randn(1, len(pos), d.heads * d.head_dim, generator=gen).to(dtype)
+    k = torch.randn(1, len(pos), d.kv_heads * d.head_dim, generator=gen).to(dtype)
+    ctx = ops.OpContext(d, {}, ops.Rope(tiny_ckpt.config, d.head_dim), 1e-5, ops.KVCache())
+    op = next(o for o in forward_ops(d.layers) if o.kind == "rope")
+    qr, kr = ops.REFERENCE_OPS["rope"](ctx, op, q, k, pos)
+    hf_cos, hf_sin = _hf_rope(tiny_ckpt, pos, dtype)
+    want_q, want_k = apply_rotary_pos_emb(ops.split_heads(q, d.heads),
+                                          ops.split_heads(k, d.kv_heads), hf_cos[None], hf_sin[None])
+    assert torch.equal(qr, want_q) and torch.equal(kr, want_k)
+
+
+#: A prompt of 300 tokens and 6 new ones: positions 0..305, well past 256.
+LONG = ("workload=generate", "workload.prompt_tokens=300", "workload.new_tokens=6",
+        "reference=true", "seed=9")
+
+
+def _transformers_bf16_eps(seed: int, prompt_tokens: int, new_tokens: int) -> float:
+    """transformers' own bf16 error on the run's prompt (both kernels), as in
+    test_executor_parity's ``hf`` fixture."""
+    from test_executor_parity import compose as parity_compose
+    from test_executor_parity import first_steps_diff
+
+    from tsqp_core.reference import Reference
+
+    prompt = torch.randint(0, 512, (1, prompt_tokens), generator=torch.Generator().manual_seed(seed))
+    model_dir = resolve(parity_compose().model)
+    fp32 = Reference(model_dir, torch.float32, "sdpa").generate(prompt, new_tokens)
+    return max(first_steps_diff(Reference(model_dir, torch.bfloat16, attn).generate(prompt, new_tokens), fp32)
+               for attn in ("sdpa", "eager"))
+
+
+@pytest.mark.parametrize("executor,partition", [("fused", "layer"), ("unfused", "seed")],
+                         ids=["fused-layer-gpu-rope", "unfused-seed-tee-rope"])
+def test_bf16_generation_past_position_256_matches_transformers(tmp_path, executor, partition):
+    """Stage-3-like (bf16, inproc) with positions up to 305 and Llama-3 rope scaling, against
+    transformers bf16 with the kernel that rounds alike: same tokens, logits within the bf16
+    bound of test_executor_parity. Catches: RoPE positions rounded through bf16 in the fused
+    tables (GPU side) or in the reference op (TEE side)."""
+    from test_executor_parity import bf16_tol, run_tiny
+
+    res = run_tiny(tmp_path, f"executor={executor}", f"partition={partition}", "dtype=bfloat16",
+                   *LONG)
+    assert res["workload"]["prompt_tokens"] + res["workload"]["new_tokens"] > 300
+    assert res["config"]["dtype"] == "bfloat16"
+    ref = res["reference"]
+    assert ref["tokens_match"] is True, (res["tokens"], ref["reference_tokens"])
+    assert ref["max_abs_logit_diff"] <= bf16_tol(_transformers_bf16_eps(9, 300, 6))
+
+
+@pytest.mark.parametrize("executor,partition", [("fused", "layer"), ("unfused", "seed")],
+                         ids=["fused-layer-gpu-rope", "unfused-seed-tee-rope"])
+def test_fp32_generation_past_position_256_matches_transformers(tmp_path, executor, partition):
+    from test_executor_parity import FP32_TOL, run_tiny
+
+    res = run_tiny(tmp_path, f"executor={executor}", f"partition={partition}", "dtype=float32",
+                   *LONG)
+    assert res["reference"]["tokens_match"] is True
+    assert res["reference"]["max_abs_logit_diff"] <= FP32_TOL
