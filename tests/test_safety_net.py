@@ -500,3 +500,81 @@ def test_fp32_generation_past_position_256_matches_transformers(tmp_path, execut
                    *LONG)
     assert res["reference"]["tokens_match"] is True
     assert res["reference"]["max_abs_logit_diff"] <= FP32_TOL
+
+
+# --- 4. the latency breakdown: a known delay lands in its own category --------------------
+#
+# ``other`` is the remainder, so the parts add up to ``total`` by construction; what keeps
+# the breakdown honest is that ``other`` never goes negative (nothing counted twice) and
+# that a delay injected at a known place shows up in that place's category and nowhere else.
+
+DELAY_S = 0.020
+
+
+def assert_breakdown_adds_up(res: dict[str, Any]) -> dict[str, float]:
+    lat = res["latency_ms"]
+    parts, total = lat["breakdown"], lat["total"]
+    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "other"}
+    assert all(v >= 0 for v in parts.values()), parts  # ``other`` included: nothing counted twice
+    assert abs(sum(parts.values()) - total) <= 0.05 * total
+    assert parts["other"] <= 0.25 * total, parts
+    return parts
+
+
+def _slowed(fn: Callable, counter: list[int], delay_s: float = DELAY_S) -> Callable:
+    def slow(*args, **kwargs):
+        counter.append(1)
+        time.sleep(delay_s)
+        return fn(*args, **kwargs)
+    return slow
+
+
+def test_a_gpu_side_delay_lands_in_gpu_compute(run_tiny, monkeypatch):
+    """The GPU side's backend sleeps 20 ms per call: ``gpu_compute`` grows by calls x 20 ms,
+    ``transport`` and ``tee_compute`` do not. Catches: gpu_compute counted twice (or ten
+    times), the server's timer missing the backend run, transport not net of the server's
+    time."""
+    from tsqp_executor_fused.backend import FusedBackend
+
+    calls: list[int] = []
+    monkeypatch.setattr(FusedBackend, "run", _slowed(FusedBackend.run, calls))
+    res = run_tiny(*FAST, "workload=prefill", "workload.prompt_tokens=16")
+    assert len(calls) == res["rpc"]["calls"] == 18  # the inproc server runs in this process
+    known = len(calls) * DELAY_S * 1e3
+    parts = assert_breakdown_adds_up(res)
+    assert known <= parts["gpu_compute"] <= 1.5 * known + 20, parts
+    assert parts["transport"] < 0.25 * known, parts
+    assert parts["tee_compute"] < 0.25 * known, parts
+
+
+def test_a_tee_op_delay_lands_in_tee_compute(run_tiny, monkeypatch):
+    """Each TEE-side ``input_norm`` sleeps 20 ms: ``tee_compute`` grows by 16 x 20 ms, the
+    GPU-side categories do not. Catches: TEE ops untimed or timed twice, or timed as a
+    GPU-side category."""
+    from tsqp_core import ops
+    from tsqp_core.tee_ops import TorchTeeOps
+
+    calls: list[int] = []
+    impls = {**ops.REFERENCE_OPS, "input_norm": _slowed(ops.REFERENCE_OPS["input_norm"], calls)}
+    monkeypatch.setattr(TorchTeeOps, "implementations", lambda self: impls)
+    res = run_tiny(*FAST, "workload=prefill", "workload.prompt_tokens=16")
+    assert len(calls) == 16  # layer partition: input_norm stays in the TEE, once per layer
+    known = len(calls) * DELAY_S * 1e3
+    parts = assert_breakdown_adds_up(res)
+    assert known <= parts["tee_compute"] <= 1.5 * known + 20, parts
+    assert parts["gpu_compute"] < 0.25 * known, parts
+    assert parts["transport"] < 0.25 * known, parts
+
+
+def test_sampling_time_lands_in_tee_compute(run_tiny, monkeypatch):
+    """Sampling is TEE work: a sampler slowed by 50 ms per token shows in ``tee_compute``
+    of a generate run, and ``other`` stays non-negative."""
+    calls: list[int] = []
+    monkeypatch.setattr(Sampler, "__call__", _slowed(Sampler.__call__, calls, 0.050))
+    res = run_tiny(*FAST, "workload=generate", "workload.prompt_tokens=8",
+                   "workload.new_tokens=4")
+    assert len(calls) == 4 and len(res["tokens"][0]) == 4
+    known = 4 * 50.0
+    parts = assert_breakdown_adds_up(res)
+    assert known <= parts["tee_compute"] <= 1.5 * known + 20, parts
+    assert parts["gpu_compute"] < 0.5 * known and parts["transport"] < 0.5 * known, parts
