@@ -29,7 +29,8 @@ def _check_bench(res: dict) -> None:
     lat = res["latency_ms"]
     assert lat["total"] > 0 and lat["ttft"] > 0 and lat["tpot"] > 0
     parts = lat["breakdown"]
-    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "other"}
+    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "protect",
+                          "other"}
     assert abs(sum(parts.values()) - lat["total"]) <= 0.05 * lat["total"]
     bench = res["bench"]
     for key in ("prefill_ms", "decode_ms_per_token", "total_ms"):

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import threading
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -91,52 +90,26 @@ def run_tiny(tmp_path: Path, *overrides: str) -> dict[str, Any]:
 @contextlib.contextmanager
 def split_model(*overrides: str, device: str = "cpu") -> Iterator[tuple[Any, Any]]:
     """A ready :class:`SplitModel` over the inproc transport, and its :class:`GpuServer`
-    (wired as :func:`tsqp_core.run.run` does, so tests can reach both sides)."""
-    from tsqp_core.client import RemoteGpu
-    from tsqp_core.launch import ServerSpec, build_server
-    from tsqp_core.models.source import fingerprint, load_weights
-    from tsqp_core.pipeline import SplitModel
-    from tsqp_core.run import prepare
+    (through :func:`tsqp_core.run.connect`, the wiring the run itself uses)."""
+    from tsqp_core.run import connect, prepare
 
-    p = prepare(compose(*overrides, device=device))
-    cfg = p.cfg
-    spec = ServerSpec(transport=cfg.transport.model_dump(), address=None,
-                      model_dir=str(p.model_dir), executor=cfg.executor.model_dump(),
-                      dtype=cfg.dtype, device=cfg.device, threads=1, max_sessions=4)
-    server, channel = build_server(spec)
-    stop = threading.Event()
-    thread = threading.Thread(target=server.serve, args=(channel, stop, 0.05), daemon=True)
-    thread.start()
-    try:
-        remote = RemoteGpu(p.transport.connect(channel.address), borrowed=False, timeout=60)
-        remote.hello(fingerprint=fingerprint(p.model_dir), executor=cfg.executor.name,
-                     dtype=cfg.dtype, schedule=p.schedule)
-        tee_kinds = {s.kind for s in p.schedule.steps if not hasattr(s, "ops")}
-        model = SplitModel(schedule=p.schedule, dims=p.ckpt.dims, config=p.ckpt.config,
-                           weights=load_weights(p.ckpt, tee_kinds, cfg.torch_dtype),
-                           tee_impls=p.tee_ops.implementations(), remote=remote,
-                           protection=p.protection, dtype=cfg.torch_dtype)
-        yield model, server
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        channel.close()
+    with connect(prepare(compose(*overrides, device=device))) as conn:
+        yield conn.model, conn.local_server
 
 
 def prefill(model: Any, ids: torch.Tensor) -> torch.Tensor:
-    from tsqp_core.pipeline import Session
+    from tsqp_core.metrics import Meter
+    from tsqp_core.tee.pipeline import prefill as split_prefill
 
-    session = Session()
-    try:
-        return model.forward(ids, session)
-    finally:
-        model.end(session)
+    return split_prefill(model, ids, Meter())
 
 
 def greedy(model: Any, ids: torch.Tensor, steps: int = STEPS):
-    from tsqp_core.pipeline import Sampler, Sampling, generate
+    from tsqp_core.metrics import Meter
+    from tsqp_core.tee.pipeline import generate
+    from tsqp_core.tee.sampling import Sampler, Sampling
 
-    return generate(model, ids, steps, Sampler(Sampling()))
+    return generate(model, ids, steps, Sampler(Sampling()), Meter())
 
 
 def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -269,16 +242,14 @@ def test_attention_on_gpu_projections_in_tee(executor, prompts, hf):
 def test_chunked_prefill(executor, dtype, tol, prompts, hf):
     """T > 1 new tokens after a cached prefix: the causal mask is aligned bottom-right
     (queries at positions past..past+T-1 see keys 0..past+T-1)."""
-    from tsqp_core.pipeline import Session
+    from tsqp_core.metrics import Meter
+    from tsqp_core.tee.pipeline import open_session
 
     ids = prompts["prefill"]
     with split_model(f"executor={executor}", "partition=layer", f"dtype={dtype}") as (model, _):
-        session = Session()
-        try:
-            first = model.forward(ids[:, :9], session)
-            rest = model.forward(ids[:, 9:], session)
-        finally:
-            model.end(session)
+        with open_session(model) as session:
+            first = model.forward(ids[:, :9], session, Meter())
+            rest = model.forward(ids[:, 9:], session, Meter())
     logits = torch.cat([first, rest], dim=1)
     ref = hf["fp32"]["prefill"]
     assert max_diff(logits, ref) <= (tol if tol is not None else bf16_tol(hf["eps_prefill"]))
@@ -352,12 +323,13 @@ def test_decode_calls_and_bytes_do_not_grow_with_context(tmp_path):
 
 @needs_fused
 def test_kv_cache_lives_per_generation():
-    from tsqp_core.pipeline import Session
+    from tsqp_core.metrics import Meter
+    from tsqp_core.tee.pipeline import Session
 
     with split_model("stage=stage3") as (model, server):
         session = Session()
-        model.forward(torch.arange(10)[None], session, last_only=True)
-        model.forward(torch.tensor([[3]]), session, last_only=True)
+        model.forward(torch.arange(10)[None], session, Meter(), last_only=True)
+        model.forward(torch.tensor([[3]]), session, Meter(), last_only=True)
         (cache,) = server._sessions.values()
         assert cache.length(0, "k") == cache.length(15, "v") == 11
         assert cache.nbytes() > 0

@@ -13,10 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tsqp_core.client import RemoteGpu
+from tsqp_core.tee.client import RemoteGpu
 from tsqp_core.config import ConfigError
 from tsqp_core.launch import ServerSpec, gpu_side
-from tsqp_core.models.source import ModelError, fingerprint, resolve
+from tsqp_core.models.source import ModelError, resolve
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.run import InputError, prepare
 from tsqp_core.transport import PeerDead, PeerTimeout, TransportError
@@ -95,10 +95,10 @@ def test_server_killed_mid_run_is_reported_and_reaped():
     cfg = compose("model=tiny", "transport=tcp")
     p = prepare(cfg)
     with gpu_side(_spec(p.model_dir), in_process=False, external=None,
-                  startup_timeout=120) as (address, watchdog):
-        remote = RemoteGpu(p.transport.connect(address, watchdog), borrowed=False, timeout=60)
-        remote.hello(fingerprint=fingerprint(p.model_dir), executor="unfused", dtype="float32",
-                     schedule=p.schedule)
+                  startup_timeout=120) as side:
+        remote = RemoteGpu(p.transport.connect(side.address, side.watchdog), borrowed=False,
+                           timeout=60)
+        remote.ping()
         pid = int(subprocess.check_output(["pgrep", "-P", str(os.getpid()), "-f", "_child"]).split()[0])
         os.kill(pid, signal.SIGKILL)
         t0 = time.monotonic()

@@ -72,17 +72,17 @@ def test_gqa_attention_matches_repeated_kv():
 def test_schedule_call_counts_and_boundaries():
     seed = frozenset({"embed", "qkv_proj", "attn_scores", "attn_context", "o_proj",
                       "gate_up_proj", "down_proj", "lm_head"})
-    one = build_schedule(16, seed, lambda run: [[op] for op in run])
+    one = build_schedule(16, seed, "op")
     assert len(one.calls) == 98
     first = one.calls[1]
     assert first.ops[0].kind == "qkv_proj" and first.inputs == ("0.x",)
     assert first.outputs == ("0.q", "0.k", "0.v")
-    fused = build_schedule(16, seed, lambda run: [run])
+    fused = build_schedule(16, seed, "run")
     # only PV and the o projection are adjacent on the GPU side: one call fewer per layer
     assert len(fused.calls) == 98 - 16
     assert [op.kind for op in fused.calls[3].ops] == ["attn_context", "o_proj"]
     everything = frozenset(op.kind for op in forward_ops(2))
-    whole = build_schedule(2, everything, lambda run: [run])
+    whole = build_schedule(2, everything, "run")
     assert len(whole.calls) == 1 and whole.calls[0].inputs == ("ids", "pos")
     assert whole.calls[0].outputs == ("logits",)
     assert len(gpu_runs(forward_ops(2), frozenset())) == 0

@@ -68,10 +68,13 @@ def test_results_contract(run_tiny):
         assert key in res["config"]
     lat = res["latency_ms"]
     parts = lat["breakdown"]
-    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "other"}
+    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "protect",
+                          "other"}
     assert abs(sum(parts.values()) - lat["total"]) <= 0.05 * lat["total"]
     # ``other`` is the remainder: negative only if some category counted time twice
     assert all(v >= 0 for v in parts.values()), parts
+    assert res["server"]["attention"] == "eager" and res["server"]["device"] == "cpu"
+    assert res["protection"]["scheme"] == "none" and res["protection"]["offline_ms"] >= 0
     assert len(lat["repeats_total"]) == 3
     by = res["rpc"]["by_method"]
     assert sum(m["calls"] for m in by.values()) == res["rpc"]["calls"]

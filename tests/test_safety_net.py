@@ -15,15 +15,18 @@ import pytest
 import torch
 
 from tsqp_core import codec
-from tsqp_core.client import RemoteError, RemoteGpu
 from tsqp_core.codec import Message
 from tsqp_core.executor import UnfusedExecutor
+from tsqp_core.gpu.server import GpuServer
+from tsqp_core.metrics import Meter
 from tsqp_core.models.source import fingerprint, resolve
 from tsqp_core.partition import SeedPartition
-from tsqp_core.pipeline import Sampler, Sampling
 from tsqp_core.plugins import PluginOptions
-from tsqp_core.schedule import build_schedule
-from tsqp_core.server import GpuServer
+from tsqp_core.protection import CallSite
+from tsqp_core.protocol import Hello, sizes
+from tsqp_core.schedule import build_schedule, plan_entries
+from tsqp_core.tee.client import RemoteError, RemoteGpu
+from tsqp_core.tee.sampling import Sampler, Sampling
 from tsqp_core.transport import ClientChannel
 
 from conftest import compose
@@ -61,21 +64,22 @@ def tampered():
     model_dir = resolve(compose("model=tiny").model)
     server = GpuServer(model_dir, UnfusedExecutor(PluginOptions()), "unfused", torch.float32,
                        torch.device("cpu"))
-    schedule = build_schedule(16, SeedPartition(PluginOptions()).gpu_ops(),
-                              lambda run: [[o] for o in run])
+    schedule = build_schedule(16, SeedPartition(PluginOptions()).gpu_ops(), "op")
+    wires = [c.plain_wire(server.dims, "float32") for c in schedule.calls]
     channel = TamperingChannel(server)
     remote = RemoteGpu(channel, borrowed=False, timeout=5)
-    remote.hello(fingerprint=fingerprint(model_dir), executor="unfused", dtype="float32",
-                 schedule=schedule)
+    remote.hello(Hello(fingerprint(model_dir), "unfused", "float32",
+                       {"name": "none", "options": {}}, plan_entries(schedule, wires)))
     call = next(c for c in schedule.calls if c.method == "qkv_proj")
     assert call.outputs == ("0.q", "0.k", "0.v")
     x = torch.randn(1, 4, server.dims.hidden, generator=torch.Generator().manual_seed(0))
+    site = CallSite(call, wires[call.index], session=1, forward=1, past=0, batch=1, tokens=4,
+                    last_only=False, sizes=sizes(1, 4, 0, False))
 
     def make(tamper: Tamper | None) -> dict[str, torch.Tensor]:
         channel.tamper = tamper
         try:
-            return remote.call(call, {call.inputs[0]: x}, session=1, past=0, last_only=False,
-                               dims=server.dims, batch=1, tokens=4, dtype=torch.float32)
+            return remote.call(site, {call.inputs[0]: x}, Meter())
         finally:
             channel.tamper = None
 
@@ -129,8 +133,8 @@ BAD_REPLIES: dict[str, tuple[Tamper, list[str]]] = {
     "ok-false-with-error": (lambda h, t: h.update(ok=False, error="layer 0 exploded: xyzzy"),
                             ["GPU side refused call", "layer 0 exploded: xyzzy"]),
     "ok-false-no-error": (lambda h, t: h.update(ok=False), ["refused call", "no reason given"]),
-    "ok-missing": (_drop("ok"), ["refused call"]),
-    "ok-truthy-not-true": (_set("ok", 1), ["refused call"]),
+    "ok-missing": (_drop("ok"), ["malformed reply", "reply has no 'ok'"]),
+    "ok-truthy-not-true": (_set("ok", 1), ["malformed reply", "reply has no 'ok'"]),
     # output names
     "missing-tensor": (_tensors(lambda t: {k: v for k, v in t.items() if k != "0.k"}),
                        ["expected tensors ['0.q', '0.k', '0.v']", "got ['0.q', '0.v']"]),
@@ -141,15 +145,15 @@ BAD_REPLIES: dict[str, tuple[Tamper, list[str]]] = {
     "no-tensors": (_tensors(lambda t: {}), ["expected tensors", "got []"]),
     # shapes and dtypes
     "short-sequence": (_tensors(lambda t: {**t, "0.q": t["0.q"][:, :3].contiguous()}),
-                       ["tensor '0.q' is [1, 3, 64]", "expected [1, 4, 64]"]),
+                       ["tensor '0.q' has shape [1, 3, 64]", "expected [1, 4, 64]"]),
     "wrong-width": (_tensors(lambda t: {**t, "0.k": t["0.q"]}),
-                    ["tensor '0.k' is [1, 4, 64]", "expected [1, 4, 32]"]),
+                    ["tensor '0.k' has shape [1, 4, 64]", "expected [1, 4, 32]"]),
     "flattened": (_tensors(lambda t: {**t, "0.v": t["0.v"].reshape(-1)}),
-                  ["tensor '0.v' is [128]", "expected [1, 4, 32]"]),
+                  ["tensor '0.v' has shape [128]", "expected [1, 4, 32]"]),
     "bf16-instead-of-fp32": (_tensors(lambda t: {**t, "0.v": t["0.v"].bfloat16()}),
-                             ["tensor '0.v'", "torch.bfloat16", "expected [1, 4, 32] torch.float32"]),
+                             ["tensor '0.v' is bfloat16, expected float32"]),
     "int64-instead-of-fp32": (_tensors(lambda t: {**t, "0.q": t["0.q"].long()}),
-                              ["tensor '0.q'", "torch.int64", "expected [1, 4, 64] torch.float32"]),
+                              ["tensor '0.q' is int64, expected float32"]),
     # the server's timing field
     "t-missing": (_drop("t"), ["bad timing field None"]),
     "t-not-a-list": (_set("t", "fast"), ["bad timing field 'fast'"]),
@@ -158,6 +162,10 @@ BAD_REPLIES: dict[str, tuple[Tamper, list[str]]] = {
     "t-negative": (_set("t", [10, -5, 10]), ["bad timing field [10, -5, 10]"]),
     "t-float": (_set("t", [10, 2.5, 10]), ["bad timing field [10, 2.5, 10]"]),
     "t-string": (_set("t", [10, "2", 10]), ["bad timing field"]),
+    "t-bool": (_set("t", [10, True, 10]), ["bad timing field [10, True, 10]"]),
+    "t-beyond-an-hour": (_set("t", [0, 10**15, 0]), ["bad timing field"]),
+    "t-beyond-the-round-trip": (_set("t", [0, 10**12, 0]),
+                                ["the server claims 1000000000000 ns", "end to end"]),
     # not a codec message at all
     "not-msgpack": (lambda h, t: [b"\xc1\xc1"], ["malformed reply from the GPU side"]),
     "buffer-short": (lambda h, t: codec.encode(Message(h, t))[:-1] + [b"1234"],
@@ -296,29 +304,31 @@ def test_generation_stops_at_a_stop_token_and_not_without_one():
     stop token dropped from the output."""
     from test_executor_parity import split_model
 
-    from tsqp_core.pipeline import generate
+    from tsqp_core.tee.pipeline import generate
 
     prompt = torch.randint(0, 512, (1, 12), generator=torch.Generator().manual_seed(4))
     with split_model(*FAST) as (model, server):
         per_forward = len(model.schedule.calls)
-        full = generate(model, prompt, 10, Sampler(Sampling()))
-        calls_full = model.meter.calls
+        meter = Meter()
+        full = generate(model, prompt, 10, Sampler(Sampling()), meter)
+        calls_full = meter.calls
         tokens = full.tokens[0]
         assert len(tokens) == 10
         # stop at the third token (the first time that token appears)
         stop = tokens[2]
         first = tokens.index(stop)
-        model.remote.meter = type(model.meter)()
-        early = generate(model, prompt, 10, Sampler(Sampling()), stop_ids={stop, 100_000})
+        meter = Meter()
+        early = generate(model, prompt, 10, Sampler(Sampling()), meter,
+                         stop_ids={stop, 100_000})
         assert early.tokens[0] == tokens[:first + 1]
         assert len(early.step_logits) == first + 1
         # the prefill and one forward per token fed back: none after the stop token
-        assert model.meter.calls == (first + 1) * per_forward
+        assert meter.calls == (first + 1) * per_forward
         assert calls_full == 10 * per_forward
         # a stop id the model never produces, and None: the full length
         never = (set(range(512)) - set(tokens)).pop()
         for stop_ids in (None, set(), {never}):
-            again = generate(model, prompt, 10, Sampler(Sampling()), stop_ids=stop_ids)
+            again = generate(model, prompt, 10, Sampler(Sampling()), Meter(), stop_ids=stop_ids)
             assert again.tokens == full.tokens
         assert not server._sessions
 
@@ -514,7 +524,8 @@ DELAY_S = 0.020
 def assert_breakdown_adds_up(res: dict[str, Any]) -> dict[str, float]:
     lat = res["latency_ms"]
     parts, total = lat["breakdown"], lat["total"]
-    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "other"}
+    assert set(parts) == {"serialize", "transport", "gpu_compute", "tee_compute", "protect",
+                          "other"}
     assert all(v >= 0 for v in parts.values()), parts  # ``other`` included: nothing counted twice
     assert abs(sum(parts.values()) - total) <= 0.05 * total
     assert parts["other"] <= 0.25 * total, parts

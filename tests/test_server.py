@@ -6,14 +6,14 @@ import msgpack
 import pytest
 import torch
 
-from tsqp_core import codec
+from tsqp_core import codec, protocol
 from tsqp_core.codec import Message
 from tsqp_core.executor import UnfusedExecutor
+from tsqp_core.gpu.server import GpuServer
 from tsqp_core.models.source import fingerprint, resolve
-from tsqp_core.plugins import PluginOptions
-from tsqp_core.schedule import build_schedule
 from tsqp_core.partition import SeedPartition
-from tsqp_core.server import PROTOCOL, GpuServer
+from tsqp_core.plugins import PluginOptions
+from tsqp_core.schedule import build_schedule, plan_entries
 
 from conftest import compose
 
@@ -31,16 +31,23 @@ def server(model_dir):
 
 @pytest.fixture(scope="module")
 def schedule():
-    return build_schedule(16, SeedPartition(PluginOptions()).gpu_ops(), lambda run: [[o] for o in run])
+    return build_schedule(16, SeedPartition(PluginOptions()).gpu_ops(), "op")
 
 
 def reply(server, frames):
     return codec.decode(server.handle(frames))
 
 
+def wire_plan(schedule, dims):
+    entries = plan_entries(schedule, [c.plain_wire(dims, "float32") for c in schedule.calls])
+    return [e.to_wire() for e in entries]
+
+
 def hello(server, model_dir, schedule, **over):
-    h = {"m": "hello", "id": 1, "v": PROTOCOL, "fingerprint": fingerprint(model_dir),
-         "executor": "unfused", "dtype": "float32", "plan": schedule.wire_plan(), **over}
+    h = {"m": "hello", "id": 1, "v": protocol.VERSION, "fingerprint": fingerprint(model_dir),
+         "executor": "unfused", "dtype": "float32",
+         "protection": {"name": "none", "options": {}},
+         "plan": wire_plan(schedule, server.dims), **over}
     return reply(server, codec.encode(Message(h)))
 
 
@@ -83,17 +90,27 @@ def test_hello_refuses_a_mismatch(server, model_dir, schedule):
     assert_error(hello(server, model_dir, schedule, dtype="bfloat16"), "dtype")
     assert_error(hello(server, model_dir, schedule, executor="fused"), "executor")
     assert_error(hello(server, model_dir, schedule, v=99), "protocol")
-    assert_error(hello(server, model_dir, schedule, plan=[[[["embed", None]], [], ["h0"]]]),
+    assert_error(hello(server, model_dir, schedule, plan=[[[["embed", None]], [], ["h0"], [],
+                                                            [["h0", "float32", ["B", "T", 64]]]]]),
                  "inputs")
-    assert_error(hello(server, model_dir, schedule, plan=[[[["qkv_proj", 99]], [], []]]),
+    assert_error(hello(server, model_dir, schedule, plan=[[[["qkv_proj", 99]], [], [], [], []]]),
                  "unknown op")
     assert_error(hello(server, model_dir, schedule, plan="x"), "plan")
+    assert_error(hello(server, model_dir, schedule, plan=[]), "no calls")
+    # a wire layout the (absent) protection scheme does not declare
+    bad = wire_plan(schedule, server.dims)
+    bad[0][4] = [["h0", "bfloat16", ["B", "T", 64]]]
+    assert_error(hello(server, model_dir, schedule, plan=bad), "wire layout")
+    # two ops in one call for an executor that runs one op per call
+    fused = wire_plan(build_schedule(16, schedule.gpu_kinds, "run"), server.dims)
+    assert_error(hello(server, model_dir, schedule, plan=fused), "one op per call")
+    assert_error(hello(server, model_dir, schedule, protection={"name": "nope"}), "unknown protection")
 
 
 def test_calls_are_validated_and_the_server_keeps_serving(server, model_dir, schedule):
     plan_id = hello(server, model_dir, schedule).header["plan_id"]
     ids = torch.randint(0, 512, (1, 5))
-    assert_error(embed_call(server, plan_id, ids.to(torch.int32)), "expected torch.int64")
+    assert_error(embed_call(server, plan_id, ids.to(torch.int32)), "expected int64")
     assert_error(embed_call(server, plan_id, ids, c=10_000), "out of range")
     assert_error(embed_call(server, plan_id, ids + 1000), "out of range")
     assert_error(embed_call(server, plan_id, ids, past=10**9), "exceed")

@@ -20,10 +20,26 @@ def _user_errors() -> tuple[type[BaseException], ...]:
 
 
 def _runtime_errors() -> tuple[type[BaseException], ...]:
-    from tsqp_core.client import RemoteError
+    from tsqp_core.protection import IntegrityError
+    from tsqp_core.tee.client import RemoteError
     from tsqp_core.transport import TransportError
 
-    return (RemoteError, TransportError)
+    return (RemoteError, TransportError, IntegrityError)
+
+
+#: Exit codes of ``run``: 0 done; 1 the run failed (GPU side gone, refused, timed out);
+#: 2 bad input (fix the command line); 3 the GPU side's reply failed an integrity check.
+EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 1, 2, 3
+
+
+def _exit_code(exc: BaseException) -> tuple[int, str]:
+    from tsqp_core.protection import IntegrityError
+
+    if isinstance(exc, _user_errors()):
+        return EXIT_USAGE, "error"
+    if isinstance(exc, IntegrityError):
+        return EXIT_INTEGRITY, "integrity check failed, run aborted"
+    return EXIT_FAILED, "run failed"
 
 
 def run_app(args: list[str]) -> int:
@@ -42,9 +58,9 @@ def run_app(args: list[str]) -> int:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             result = run(config, Path(HydraConfig.get().runtime.output_dir))
         except (*_user_errors(), *_runtime_errors()) as exc:
-            yours = isinstance(exc, _user_errors())  # a fix in the command line, exit 2
-            print(f"tsqp: {'error' if yours else 'run failed'}: {exc}", file=sys.stderr)
-            status["code"] = 2 if yours else 1
+            code, what = _exit_code(exc)
+            print(f"tsqp: {what}: {exc}", file=sys.stderr)
+            status["code"] = code
             if HydraConfig.get().mode.name == "MULTIRUN":
                 raise  # the sweep must see the job fail
             return
@@ -77,7 +93,7 @@ def serve_app(args: list[str]) -> int:
     from tsqp_core.config import parse
     from tsqp_core.launch import ServerSpec, build_server
     from tsqp_core.models.source import resolve
-    from tsqp_core.server import serve_forever
+    from tsqp_core.gpu.server import serve_forever
 
     from hydra.errors import HydraException
 

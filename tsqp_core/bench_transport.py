@@ -45,7 +45,7 @@ class EchoServer:
     them (a malformed message gets an error reply), honours two header fields -- ``sleep``
     (seconds, a stand-in for a slow call) and ``grow`` (bytes: adds a tensor of that size to the
     reply) -- and answers ``{id, ok: true, ...}`` with the same tensors. Duck-types the part of
-    :class:`tsqp_core.server.GpuServer` that :func:`tsqp_core.server.serve_forever` uses."""
+    :class:`tsqp_core.gpu.server.GpuServer` that :func:`tsqp_core.gpu.server.serve_forever` uses."""
 
     def __init__(self, mode: str = "codec") -> None:
         if mode not in ("raw", "codec"):
@@ -57,13 +57,12 @@ class EchoServer:
             return list(frames)
         import torch
 
-        from tsqp_core import codec
-        from tsqp_core.server import GpuServer
+        from tsqp_core import codec, protocol
 
-        req_id: Any = -1
+        req_id: Any = None
         try:
             msg = codec.decode(frames)
-            req_id = msg.header.get("id", -1)
+            req_id = protocol.request_id(msg.header)
             sleep = msg.header.get("sleep")
             if isinstance(sleep, (int, float)) and sleep > 0:
                 time.sleep(sleep)
@@ -73,11 +72,11 @@ class EchoServer:
                 tensors["grown"] = torch.zeros(grow, dtype=torch.uint8)
             return codec.encode(codec.Message({**msg.header, "ok": True}, tensors))
         except codec.ProtocolError as exc:
-            return GpuServer._error(req_id, str(exc))
+            return protocol.encode_error(req_id, str(exc))
 
     def serve(self, channel: ServerChannel, stop: threading.Event | None = None,
               poll_s: float = 0.05) -> None:
-        from tsqp_core.server import serve_loop
+        from tsqp_core.gpu.server import serve_loop
 
         serve_loop(channel, self.handle, stop, poll_s)
 
@@ -86,7 +85,7 @@ def _child(spec_json: str) -> int:
     """Entry of the echo child: listen, say ready, serve until SIGTERM/SIGINT."""
     from tsqp_core.launch import READY
     from tsqp_core.plugins import get_plugins
-    from tsqp_core.server import serve_forever
+    from tsqp_core.gpu.server import serve_forever
 
     spec = json.loads(spec_json)
     transport = get_plugins().transports.create(spec["transport"], spec.get("options"))

@@ -6,7 +6,7 @@ from tsqp_core import hookimpl
 from tsqp_core.executor import UnfusedExecutor
 from tsqp_core.inproc import InprocTransport
 from tsqp_core.partition import AttnMlpPartition, CustomPartition, LayerPartition, SeedPartition
-from tsqp_core.protection import NoProtection
+from tsqp_core.protection.none import NoProtection
 from tsqp_core.tee_ops import TorchTeeOps
 
 

@@ -24,6 +24,12 @@ class PluginChoice(Strict):
     options: dict[str, Any] = Field(default_factory=dict)
 
 
+class ExecutorChoice(PluginChoice):
+    #: How GPU ops group into calls (``op`` | ``run``): declared so that a TEE host without
+    #: the executor's package can plan; ``null`` asks the installed executor.
+    grouping: Literal["op", "run"] | None = None
+
+
 class Workload(Strict):
     kind: Literal["prefill", "generate", "bench"]
     batch: int = Field(1, ge=1)
@@ -54,7 +60,7 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 class RunConfig(Strict):
     stage: str = "custom"
     transport: PluginChoice
-    executor: PluginChoice
+    executor: ExecutorChoice
     partition: PluginChoice
     protection: PluginChoice
     tee_ops: PluginChoice

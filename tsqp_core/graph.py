@@ -138,23 +138,25 @@ class Dims:
     max_positions: int
 
 
-def value_shape(name: str, dims: Dims, batch: int, tokens: int, keys: int) -> tuple[int, ...]:
-    """The shape of value ``name`` when ``tokens`` new tokens attend over ``keys`` keys."""
+def value_template(name: str, dims: Dims) -> tuple[int | str, ...]:
+    """The shape of value ``name`` as a template over the call symbols of
+    :mod:`tsqp_core.protocol`: ``B`` batch, ``T`` new tokens, ``S`` keys (past + new),
+    ``L`` tail rows (1 when only the last position is needed, else ``T``)."""
     kind = value_kind(name)
-    b, t = batch, tokens
     hq, hk = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    table = {
-        "ids": (b, t),
-        "pos": (t,),
-        "h": (b, t, dims.hidden), "x": (b, t, dims.hidden), "o": (b, t, dims.hidden),
-        "hm": (b, t, dims.hidden), "x2": (b, t, dims.hidden), "d": (b, t, dims.hidden),
-        "xf": (b, t, dims.hidden),
-        "q": (b, t, hq), "c": (b, t, hq), "k": (b, t, hk), "v": (b, t, hk),
-        "qr": (b, dims.heads, t, dims.head_dim), "kr": (b, dims.kv_heads, t, dims.head_dim),
-        "s": (b, dims.heads, t, keys), "p": (b, dims.heads, t, keys),
-        "g": (b, t, dims.intermediate), "u": (b, t, dims.intermediate),
-        "m": (b, t, dims.intermediate),
-        "logits": (b, t, dims.vocab),
+    table: dict[str, tuple[int | str, ...]] = {
+        "ids": ("B", "T"),
+        "pos": ("T",),
+        "h": ("B", "T", dims.hidden), "x": ("B", "T", dims.hidden), "o": ("B", "T", dims.hidden),
+        "hm": ("B", "T", dims.hidden), "x2": ("B", "T", dims.hidden),
+        "d": ("B", "T", dims.hidden),
+        "xf": ("B", "L", dims.hidden),
+        "q": ("B", "T", hq), "c": ("B", "T", hq), "k": ("B", "T", hk), "v": ("B", "T", hk),
+        "qr": ("B", dims.heads, "T", dims.head_dim), "kr": ("B", dims.kv_heads, "T", dims.head_dim),
+        "s": ("B", dims.heads, "T", "S"), "p": ("B", dims.heads, "T", "S"),
+        "g": ("B", "T", dims.intermediate), "u": ("B", "T", dims.intermediate),
+        "m": ("B", "T", dims.intermediate),
+        "logits": ("B", "L", dims.vocab),
     }
     try:
         return table[kind]
@@ -172,15 +174,5 @@ def expected_shape(name: str, dims: Dims, batch: int, tokens: int, past: int,
                    last_only: bool) -> tuple[int, ...]:
     """The shape value ``name`` must have in a forward of ``tokens`` new tokens after
     ``past`` cached ones."""
-    t = 1 if last_only and value_kind(name) in TAIL_VALUES else tokens
-    return value_shape(name, dims, batch, t, past + tokens)
-
-
-def batch_and_tokens(name: str, shape: Sequence[int]) -> tuple[int, int] | None:
-    """Read (batch, tokens) off a value's shape; ``None`` when the value does not tell."""
-    kind = value_kind(name)
-    if kind == "pos" or len(shape) < 2:
-        return None
-    if kind in ("qr", "kr", "s", "p"):
-        return (shape[0], shape[2]) if len(shape) == 4 else None
-    return shape[0], shape[1]
+    size = {"B": batch, "T": tokens, "S": past + tokens, "L": 1 if last_only else tokens}
+    return tuple(d if isinstance(d, int) else size[d] for d in value_template(name, dims))

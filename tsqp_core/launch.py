@@ -47,7 +47,7 @@ def build_server(spec: ServerSpec):
     """Construct the server and open its channel (in whatever process calls this)."""
     from tsqp_core.config import DTYPES, resolve_device
     from tsqp_core.plugins import get_plugins
-    from tsqp_core.server import GpuServer
+    from tsqp_core.gpu.server import GpuServer
 
     plugins = get_plugins()
     transport = plugins.transports.create(spec.transport["name"], spec.transport.get("options"))
@@ -61,7 +61,7 @@ def child_main(spec_json: str) -> int:
     """Entry of the spawned GPU-side process: serve until terminated."""
     import torch
 
-    from tsqp_core.server import serve_forever
+    from tsqp_core.gpu.server import serve_forever
 
     spec = ServerSpec(**json.loads(spec_json))
     _exit_with_parent()
@@ -93,12 +93,22 @@ class ServerStartError(RuntimeError):
     pass
 
 
+@dataclass(frozen=True)
+class GpuSide:
+    """A ready GPU side: where to reach it, how to tell it died, and the server object when
+    it lives in this process (``inproc``)."""
+
+    address: str
+    watchdog: Watchdog | None
+    server: Any = None
+
+
 @contextlib.contextmanager
 def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
-             startup_timeout: float) -> Iterator[tuple[str, Watchdog | None]]:
-    """Yields ``(address, watchdog)`` of a ready GPU side; stops what it started."""
+             startup_timeout: float) -> Iterator[GpuSide]:
+    """Yields a ready :class:`GpuSide`; stops what it started."""
     if external:
-        yield external, None
+        yield GpuSide(external, None)
         return
     if in_process:
         server, channel = build_server(spec)
@@ -107,7 +117,8 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
                                   name="tsqp-gpu-side")
         thread.start()
         try:
-            yield channel.address, (lambda: None if thread.is_alive() else "GPU-side thread ended")
+            yield GpuSide(channel.address,
+                          lambda: None if thread.is_alive() else "GPU-side thread ended", server)
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -117,7 +128,7 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
                OMP_NUM_THREADS=str(spec.threads))
     with spawn_ready([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()], env,
                      startup_timeout, "GPU server") as (address, watchdog, _):
-        yield address, watchdog
+        yield GpuSide(address, watchdog)
 
 
 @contextlib.contextmanager

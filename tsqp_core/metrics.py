@@ -2,8 +2,11 @@
 
 Categories are the seed's: ``serialize`` (codec work and message checks, both sides),
 ``transport`` (round trip minus everything the server reported doing), ``gpu_compute``
-(the server's own timer, device synchronised), ``tee_compute`` (TEE-side ops and sampling) and ``other`` (the rest of
-the wall time, so the parts always add up to the total).
+(the server's own timer, device synchronised), ``tee_compute`` (TEE-side ops and sampling),
+``protect`` (the protection scheme's online work: sealing calls, opening and verifying
+replies) and ``other`` (the rest of the wall time, so the parts always add up to the total).
+Work a scheme does before the timed region (mask pools, probes) is reported apart, as
+``offline``, never hidden in these.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 from contextlib import contextmanager
 
-CATEGORIES = ("serialize", "transport", "gpu_compute", "tee_compute")
+CATEGORIES = ("serialize", "transport", "gpu_compute", "tee_compute", "protect")
 
 now_ns = time.perf_counter_ns
 

@@ -17,14 +17,17 @@ from tsqp_core.metrics import now_ns
 ATTENTION_OPS = frozenset({"rope", "attn_scores", "attn_softmax", "attn_context"})
 
 
-def attention_kernel(fuses_attention: bool, gpu_ops: frozenset[str]) -> str:
+def attention_kernel(server_attention: str, gpu_ops: frozenset[str]) -> str:
     """The transformers attention kernel that rounds like the split run.
 
     In bf16 the two differ by more than a near-tie's logit gap: a split run that ships or
     materialises attention scores and probabilities rounds them to the dtype, as ``eager``
-    does; a fused one never materialises them, as ``sdpa`` does not. Comparing each with its
-    like keeps ``tokens_match`` a statement about the split, not about the kernel choice."""
-    return "sdpa" if fuses_attention and ATTENTION_OPS <= gpu_ops else "eager"
+    does; a fused one never materialises them, as ``sdpa`` does not. ``server_attention`` is
+    the kernel the GPU side reported at hello; attention that is split across calls or kept
+    in the TEE runs the reference ops, which materialise scores. Comparing each with its like
+    keeps ``tokens_match`` a statement about the split, not about the kernel choice."""
+    fused = server_attention in ("sdpa", "flash-attn")
+    return "sdpa" if fused and ATTENTION_OPS <= gpu_ops else "eager"
 
 
 class Reference:

@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any
 
 FILES = ("summary.csv", "summary.md", "breakdown.png")
-PARTS = ("serialize", "transport", "gpu_compute", "tee_compute", "other")
+PARTS = ("serialize", "transport", "gpu_compute", "tee_compute", "protect", "other")
 PART_LABELS = {"serialize": "serialization", "transport": "transport (RPC)",
                "gpu_compute": "GPU-side compute", "tee_compute": "TEE compute",
-               "other": "other (unattributed)"}
+               "protect": "protection (online)", "other": "other (unattributed)"}
 
 SHORT = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
 
@@ -233,7 +233,7 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path) -> str
     ]
     head = ["job", "stage", "transport", "executor", "dtype", "partition", "calls/fwd",
             "MB/fwd to / from GPU", "total", "serialize", "transport", "GPU compute",
-            "TEE compute", "other", "monolithic", "split / mono", "prefill",
+            "TEE compute", "protect", "other", "monolithic", "split / mono", "prefill",
             "decode per token", "max abs Δlogit"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
@@ -293,7 +293,8 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     ax = fig.add_subplot()
     xs = list(range(n))
     bottoms = [0.0] * n
-    colors = dict(zip(PARTS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8c8c8c")))
+    colors = dict(zip(PARTS, ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3",
+                                "#8c8c8c")))
     for part in PARTS:
         vals = [max(0.0, r[f"{part}_ms"] or 0.0) for r in table]
         ax.bar(xs, vals, 0.6, bottom=bottoms, label=PART_LABELS[part], color=colors[part])

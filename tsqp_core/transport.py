@@ -17,7 +17,7 @@ frames (``[header, *buffers]``) and back. The contract every transport honours, 
   an error), never a reason for the channel to die.
 * **Too large is an error, never a fallback.** A message the channel cannot carry raises
   :class:`MessageTooLarge` before anything is sent; the channel stays usable, and a server
-  answers the same request with a small error instead (:func:`tsqp_core.server.send_reply`).
+  answers the same request with a small error instead (:func:`tsqp_core.gpu.server.send_reply`).
 """
 
 from __future__ import annotations

@@ -115,11 +115,47 @@ def dims_of(config: Any) -> Dims:
 
 
 def fingerprint(path: Path) -> str:
-    """A short id of a checkpoint (its config and weight file sizes): both sides must agree."""
-    h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in sorted(path.glob("*.safetensors")):
-        h.update(f"{f.name}:{f.stat().st_size}".encode())
-    return h.hexdigest()[:16]
+    """A short id of a checkpoint's *contents* (its config and every weight byte): two
+    checkpoints that differ in one weight differ here, so both sides agree on the numbers,
+    not just the shapes. Hashing is done once per file version: the digest is cached under
+    ``$TSQP_CACHE/fingerprints``, keyed by path, size, mtime and inode, and reused while all
+    of them are unchanged (a rewritten file is hashed again)."""
+    files = sorted(path.glob("*.safetensors"))
+    stamp = [[f.name, *_stamp(f)] for f in [path / "config.json", *files]]
+    cache = cache_root() / "fingerprints" / (
+        hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".json")
+    try:
+        saved = json.loads(cache.read_text())
+        if saved.get("stamp") == stamp and isinstance(saved.get("digest"), str):
+            return saved["digest"]
+    except (OSError, ValueError):
+        pass
+    h = hashlib.sha256()
+    for f in [path / "config.json", *files]:
+        h.update(f.name.encode() + b"\0" + _file_sha256(f))
+    digest = h.hexdigest()[:32]
+    try:
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"path": str(path.resolve()), "stamp": stamp,
+                                   "digest": digest}))
+        os.replace(tmp, cache)
+    except OSError:
+        pass  # a read-only cache only costs the hash next time
+    return digest
+
+
+def _file_sha256(f: Path) -> bytes:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(1 << 22):
+            h.update(chunk)
+    return h.digest()
+
+
+def _stamp(f: Path) -> list[int]:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 # --- weights -------------------------------------------------------------------------------

@@ -1,7 +1,8 @@
 """tsqp executor ``fused``: one call per maximal run of GPU-side ops, run with fused code.
 
-Grouping (TEE side) is trivial: a maximal run of consecutive GPU ops is one call, so the
-``layer`` partition makes 1 + L + 1 calls per forward and ``attn_mlp`` 1 + 2L + 1.
+Grouping is declared data (``grouping = "run"``, which the TEE side reads without this
+package): a maximal run of consecutive GPU ops is one call, so the ``layer`` partition makes
+1 + L + 1 calls per forward and ``attn_mlp`` 1 + 2L + 1.
 
 The backend (GPU side, :mod:`tsqp_executor_fused.backend`, imported only by
 :meth:`FusedExecutor.backend`) runs a call with
@@ -25,7 +26,6 @@ from pydantic import Field
 
 from tsqp_core import hookimpl
 from tsqp_core.executor import Backend, Executor
-from tsqp_core.graph import Op
 from tsqp_core.models.source import Checkpoint
 from tsqp_core.plugins import PluginOptions
 
@@ -44,10 +44,7 @@ class FusedExecutor(Executor):
 
     name = "fused"
     Options = FusedOptions
-    fuses_attention = True
-
-    def group(self, run: list[Op]) -> list[list[Op]]:
-        return [list(run)]
+    grouping = "run"
 
     def backend(self, ckpt: Checkpoint, kinds: frozenset[str], dtype: torch.dtype,
                 device: torch.device) -> Backend:

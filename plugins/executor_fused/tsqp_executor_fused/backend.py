@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from tsqp_core import ops
-from tsqp_core.executor import Backend
+from tsqp_core.executor import Backend, GpuCall
 from tsqp_core.graph import Op
 from tsqp_core.models.source import Checkpoint, load_weights
 
@@ -100,8 +100,12 @@ class FusedBackend(Backend):
                                    device=self.device, seq_dim=1 if self.flash else 2,
                                    initial=self.options.cache_positions)
 
-    def run(self, ops_: Sequence[Op], env: dict[str, torch.Tensor], cache: Any,
+    def info(self) -> dict[str, Any]:
+        return {"attention": self.attention}
+
+    def run(self, call: GpuCall, env: dict[str, torch.Tensor], cache: Any,
             last_only: bool) -> None:
+        ops_ = call.ops
         entry = self._programs.get(id(ops_))
         if entry is None or entry[0] is not ops_:  # keyed by identity: hashing ops costs µs
             if len(self._programs) >= MAX_PROGRAMS:  # plans come and go with each hello

@@ -1,0 +1,286 @@
+"""The GPU side: holds the weights its ops need and answers calls over any transport.
+
+The messages are :mod:`tsqp_core.protocol`'s. The server is untrusting too: every plan and
+every call is validated (op names, layers, value names, the wire layout the protection scheme
+declares, shapes, dtypes, cache positions) before anything runs, and no request --
+malformed, truncated, oversized -- stops it from serving the next one.
+
+At ``hello`` the client names the model (fingerprint), executor, dtype and protection scheme
+and sends the plan; the server checks each against what it holds, builds (once) the backend
+for the plan's ops -- wrapped by the protection's GPU-side part when the scheme has one --
+and answers with a plan id and what it actually runs (device, dtype, executor options,
+attention kernel).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import msgpack
+import torch
+
+from tsqp_core import __version__, codec, protocol
+from tsqp_core.codec import ProtocolError
+from tsqp_core.executor import Backend, Executor, GpuCall
+from tsqp_core.graph import STATEFUL, Op, forward_ops
+from tsqp_core.metrics import now_ns
+from tsqp_core.models.source import Checkpoint, fingerprint
+from tsqp_core.plugins import PluginError
+from tsqp_core.protocol import CallRequest, End, Hello, HelloReply, Ping
+from tsqp_core.schedule import Call
+from tsqp_core.transport import MessageTooLarge, ServerChannel
+
+MAX_PLANS = 8
+ATTENTION = frozenset({"rope", "attn_scores", "attn_softmax", "attn_context"})
+
+
+class RequestError(ValueError):
+    """A request the server refuses; the message goes back to the client."""
+
+
+@dataclass
+class _Plan:
+    calls: list[GpuCall]
+    backend: Backend
+
+
+class GpuServer:
+    def __init__(self, model_dir: Path, executor: Executor, executor_name: str,
+                 dtype: torch.dtype, device: torch.device, max_sessions: int = 4) -> None:
+        self.ckpt = Checkpoint(model_dir)
+        self.fingerprint = fingerprint(model_dir)
+        self.executor = executor
+        self.executor_name = executor_name
+        self.dtype = dtype
+        self.dtype_name = str(dtype).removeprefix("torch.")
+        self.device = device
+        self.max_sessions = max_sessions
+        self.dims = self.ckpt.dims
+        self._ops = {(op.kind, op.layer): op for op in forward_ops(self.dims.layers)}
+        self._plans: OrderedDict[str, _Plan] = OrderedDict()
+        self._sessions: OrderedDict[int, Any] = OrderedDict()
+        self._backend: Backend | None = None
+        self._kinds: frozenset[str] = frozenset()
+        #: GPU-side parts of protection schemes, by (name, options), around ``_backend``.
+        self._protected: dict[str, Backend] = {}
+
+    # --- the loop ------------------------------------------------------------------------
+
+    def serve(self, channel: ServerChannel, stop: threading.Event | None = None,
+              poll_s: float = 0.2) -> None:
+        """Answer requests until ``stop`` is set (or forever)."""
+        serve_loop(channel, self.handle, stop, poll_s)
+
+    def handle(self, frames: list[Any]) -> list[Any]:
+        """One request's frames in, the reply's frames out. Never raises."""
+        req_id: int | None = None
+        try:
+            t0 = now_ns()
+            try:
+                req = protocol.decode_request(frames)
+            except ProtocolError:
+                req_id = _peek_id(frames)
+                raise
+            req_id = req.id
+            msg = req.message
+            if isinstance(msg, CallRequest):
+                return self._call(req_id, msg, req.tensors, now_ns() - t0)
+            if isinstance(msg, Hello):
+                return protocol.encode_reply(req_id, self._hello(msg).header())
+            if isinstance(msg, End):
+                self._sessions.pop(msg.session, None)
+            elif not isinstance(msg, Ping):  # pragma: no cover - REQUESTS lists them all
+                raise ProtocolError(f"unhandled message {type(msg).__name__}")
+            return protocol.encode_reply(req_id)
+        except (ProtocolError, RequestError, PluginError) as exc:
+            return protocol.encode_error(req_id, str(exc))
+        except Exception as exc:  # a bug or a device error: report it, keep serving
+            print(f"tsqp serve: error in request {req_id}: {exc!r:.500}", file=sys.stderr)
+            return protocol.encode_error(req_id, f"{type(exc).__name__}: {exc}")
+
+    # --- hello: agree on model, protection and plan ----------------------------------------
+
+    def _hello(self, h: Hello) -> HelloReply:
+        mine = {"fingerprint": self.fingerprint, "executor": self.executor_name,
+                "dtype": self.dtype_name}
+        for key, value in mine.items():
+            if getattr(h, key) != value:
+                what = "model fingerprint (checkpoint contents)" if key == "fingerprint" else key
+                raise RequestError(
+                    f"the server's {what} is {value!r} but the client's is "
+                    f"{getattr(h, key)!r:.80}; start a server with the same model, executor "
+                    "and dtype")
+        protection = self._protection(h.protection)
+        calls = [self._check_call(i, entry, protection) for i, entry in enumerate(h.plan)]
+        if not calls:
+            raise RequestError("the plan has no calls")
+        kinds = frozenset(op.kind for c in calls for op in c.ops)
+        if self._backend is None or not kinds <= self._kinds:
+            self._kinds = self._kinds | kinds
+            self._backend = self.executor.backend(self.ckpt, self._kinds, self.dtype, self.device)
+            self._protected.clear()
+        backend = self._backend
+        key = json.dumps(h.protection, sort_keys=True)
+        if protection is not None:
+            if key not in self._protected:
+                self._protected[key] = protection.gpu_backend(
+                    self._backend, self.ckpt, self._kinds, self.dtype, self.device)
+            backend = self._protected[key]
+        wire_plan = [e.to_wire() for e in h.plan]
+        plan_id = hashlib.sha256(json.dumps([wire_plan, key]).encode()).hexdigest()[:16]
+        self._plans[plan_id] = _Plan(calls, backend)
+        self._plans.move_to_end(plan_id)
+        while len(self._plans) > MAX_PLANS:
+            self._plans.popitem(last=False)
+        return HelloReply(plan_id, self.info(kinds, h.protection), self.dims.__dict__)
+
+    def info(self, kinds: frozenset[str], protection: dict[str, Any]) -> dict[str, Any]:
+        """What this server actually runs (the ``server`` section of results)."""
+        backend_info = self._backend.info() if self._backend is not None else {}
+        attention = (backend_info.get("attention", "eager") if ATTENTION & kinds
+                     else "none (attention runs in the TEE)")
+        return {"device": str(self.device), "dtype": self.dtype_name,
+                "executor": self.executor_name,
+                "executor_options": self.executor.options.model_dump(),
+                "attention": attention, "protection": protection,
+                "torch": torch.__version__, "tsqp": __version__,
+                **{k: v for k, v in backend_info.items() if k != "attention"}}
+
+    def _protection(self, spec: dict[str, Any]):
+        """The protection scheme the client asks for, when it has a GPU-side part."""
+        if spec["name"] == "none":
+            return None
+        from tsqp_core.plugins import get_plugins
+
+        return get_plugins().protections.create(spec["name"], spec["options"])
+
+    def _check_call(self, index: int, entry: protocol.PlanEntry, protection: Any) -> GpuCall:
+        ops: list[Op] = []
+        for key in entry.ops:
+            op = self._ops.get(key)
+            if op is None:
+                raise RequestError(f"unknown op {list(key)!r:.60} for a {self.dims.layers}-layer "
+                                   "model")
+            ops.append(op)
+        if self.executor.grouping == "op" and len(ops) > 1:
+            raise RequestError(f"executor {self.executor_name} runs one op per call; call "
+                               f"{index} has {len(ops)}")
+        made = {n for op in ops for n in op.outputs}
+        reads = {n for op in ops for n in op.inputs} - made
+        if set(entry.inputs) != reads or len(entry.inputs) != len(reads):
+            raise RequestError(f"call {index} inputs {list(entry.inputs)} do not match what "
+                               f"its ops read {sorted(reads)}")
+        if not set(entry.outputs) <= made or len(set(entry.outputs)) != len(entry.outputs):
+            raise RequestError(f"call {index} outputs {list(entry.outputs)} are not all made "
+                               "by its ops")
+        call = Call(index, tuple(ops), entry.inputs, entry.outputs)
+        wire = call.plain_wire(self.dims, self.dtype_name)
+        if protection is not None:
+            wire = protection.wire(call, wire)
+        if wire != entry.wire:
+            raise RequestError(f"call {index} ({call.method}): the client's wire layout does "
+                               "not match the protection scheme's here (different versions?)")
+        return GpuCall(index, tuple(ops), wire)
+
+    # --- call -------------------------------------------------------------------------------
+
+    def _call(self, req_id: int, req: CallRequest, tensors: dict[str, torch.Tensor],
+              t_decode: int) -> list[Any]:
+        t_checks = now_ns()
+        plan = self._plans.get(req.plan)
+        if plan is None:
+            raise RequestError("unknown plan: send hello first")
+        if req.call >= len(plan.calls):
+            raise RequestError(f"call index {req.call} out of range")
+        call = plan.calls[req.call]
+        sizes = protocol.check_tensors(call.wire.inputs, tensors, None, req.past, req.last)
+        if sizes["S"] > self.dims.max_positions:
+            raise RequestError(f"{sizes['S']} positions exceed the model's "
+                               f"{self.dims.max_positions}")
+        session = req.session
+        cache = self._session(session, plan.backend)
+        for op in call.ops:
+            if op.kind in STATEFUL:
+                have = cache.length(op.layer, "k" if op.kind == "attn_scores" else "v")
+                if have != req.past:
+                    self._sessions.pop(session, None)
+                    raise RequestError(f"layer {op.layer} cache holds {have} positions, call says "
+                                       f"past={req.past}; session {session} reset")
+        env = dict(tensors)
+        t0 = now_ns()
+        t_decode += t0 - t_checks  # validating a request is part of reading it
+        try:
+            plan.backend.run(call, env, cache, req.last)
+            plan.backend.synchronize()
+        except Exception:
+            self._sessions.pop(session, None)  # half-appended cache: never reuse it
+            raise
+        t_compute = now_ns() - t0
+        t0 = now_ns()
+        specs, buffers = codec.encode_tensors({t.name: env[t.name] for t in call.wire.outputs})
+        t_encode = now_ns() - t0
+        return protocol.encode_reply(
+            req_id, protocol.CallReply(t_decode, t_compute, t_encode).header(), specs, buffers)
+
+    def _session(self, session: int, backend: Backend) -> Any:
+        cache = self._sessions.get(session)
+        if cache is None:
+            cache = backend.new_cache()
+            self._sessions[session] = cache
+            while len(self._sessions) > self.max_sessions:
+                self._sessions.popitem(last=False)
+        self._sessions.move_to_end(session)
+        return cache
+
+
+def _peek_id(frames: list[Any]) -> int | None:
+    """The id of a request the codec refused, if its header says one (the error answers it)."""
+    try:
+        header = msgpack.unpackb(frames[0], raw=False, max_bin_len=0, max_ext_len=0)
+    except Exception:
+        return None
+    return protocol.request_id(header) if isinstance(header, dict) else None
+
+
+def serve_loop(channel: ServerChannel, handle: Callable[[list[Any]], list[Any]],
+               stop: threading.Event | None, poll_s: float) -> None:
+    """Receive, ``handle`` (which never raises), reply -- until ``stop`` is set."""
+    while stop is None or not stop.is_set():
+        frames = channel.recv(timeout=poll_s)
+        if frames is None:
+            continue
+        send_reply(channel, handle(frames))
+
+
+def send_reply(channel: ServerChannel, reply: list[Any]) -> None:
+    """Send ``reply``; one the channel cannot carry (:class:`MessageTooLarge`) becomes a small
+    error answering the same request, so the client learns why instead of waiting."""
+    try:
+        channel.send(reply)
+    except MessageTooLarge as exc:
+        channel.send(protocol.encode_error(_peek_id(reply), f"reply not sent: {exc}"))
+
+
+def serve_forever(server: GpuServer, channel: ServerChannel, on_ready: Callable[[str], None]) -> None:
+    """Serve until SIGTERM/SIGINT; the channel is closed in exactly this one place."""
+    import signal
+
+    stop = threading.Event()
+
+    def _stop(signum: int, frame: Any) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, _stop)
+    signal.signal(signal.SIGINT, _stop)
+    try:
+        on_ready(channel.address)
+        server.serve(channel, stop)
+    finally:
+        channel.close()

@@ -1,0 +1,44 @@
+"""One run: prepare (validate everything), connect (start or reach the GPU side, hello),
+measure, compare with transformers, write ``results.json``.
+
+Everything that can be checked is checked before a process starts (:mod:`.prepare`); the GPU
+side is always stopped at the end (:mod:`.connect`). Workloads: ``prefill`` (one forward,
+full logits: the seed's benchmark), ``generate`` (prefill + decode with a KV cache) and
+``bench`` (split against monolithic in one run: prefill of ``prompt_tokens`` seeded random
+ids, then ``new_tokens`` decode steps, timed for the split pipeline and then for transformers
+on the same weights, dtype and ``threads.tee``; see :mod:`.bench` and :mod:`.results`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsqp_core.config import RunConfig
+from tsqp_core.run.bench import compare, measure
+from tsqp_core.run.connect import Connected, connect
+from tsqp_core.run.prepare import InputError, Prepared, prepare
+from tsqp_core.run.results import SCHEMA, add_ratios, build, summary, write_results
+
+__all__ = ["SCHEMA", "Connected", "InputError", "Prepared", "connect", "prepare", "run",
+           "summary"]
+
+
+def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
+    p = prepare(cfg)
+    torch.set_num_threads(cfg.threads.tee)
+    with connect(p) as conn:
+        measured = measure(p, conn.model)
+    server = conn.hello.server
+    result = build(p, measured, server)
+    if cfg.reference or cfg.workload.kind == "bench":
+        # The GPU side is stopped by now: the monolithic model has the TEE process's threads
+        # (threads.tee) to itself, as the split run's TEE side had.
+        result["reference"] = compare(p, measured.outputs, server)
+        add_ratios(result)
+    else:
+        result["reference"] = None
+    write_results(outdir, result)
+    return result

@@ -1,0 +1,161 @@
+"""Timing a workload: the split pipeline, then the monolithic model on the same weights.
+
+Warm-up repeats are never counted; reported times are medians. Each repeat gets a fresh
+:class:`~tsqp_core.metrics.Meter` (the run's, passed in); the breakdown reported is the
+median repeat's. The protection scheme's precompute runs before each repeat's timer starts
+and is reported as ``offline``.
+"""
+
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tqdm import tqdm
+
+from tsqp_core.config import ConfigError, resolve_device
+from tsqp_core.metrics import Meter, median, median_index, now_ns
+from tsqp_core.protection import ForwardShape
+from tsqp_core.run.prepare import Prepared
+from tsqp_core.tee.pipeline import SplitModel, generate, prefill
+from tsqp_core.tee.sampling import Sampler, Sampling
+
+
+def _progress(total: int, desc: str) -> tqdm:
+    """A bar over the repeats, on stderr, only where someone watches it (a terminal)."""
+    return tqdm(total=total, desc=desc, unit="run", leave=False, file=sys.stderr,
+                disable=total <= 1 or not sys.stderr.isatty())
+
+
+@dataclass
+class ForwardMeter(Meter):
+    """A :class:`Meter` that also keeps the calls and bytes of the span's first forward
+    (the prefill): ``rpc.per_forward``, the seed's "calls and bytes per forward"."""
+
+    calls_per_forward: int = 0
+    first: dict[str, int] | None = None
+
+    def record_call(self, method: str, to_gpu: int, from_gpu: int, ns: int) -> None:
+        super().record_call(method, to_gpu, from_gpu, ns)
+        if self.first is None and self.calls == self.calls_per_forward:
+            rpc = self.rpc()
+            self.first = {k: rpc[k] for k in ("calls", "bytes_to_gpu", "bytes_from_gpu")}
+
+
+def forward_shapes(p: Prepared) -> list[ForwardShape]:
+    """The forwards one repeat of the workload runs (what a scheme precomputes for)."""
+    w = p.cfg.workload
+    batch, tokens = p.prompt.shape
+    if w.kind == "prefill":
+        return [ForwardShape(batch, tokens, 0, False)]
+    steps = w.new_tokens + 1 if w.kind == "bench" else max(w.new_tokens, 1)
+    return [ForwardShape(batch, tokens, 0, True)] + [
+        ForwardShape(batch, 1, tokens + i, True) for i in range(steps - 1)]
+
+
+@dataclass
+class Measured:
+    totals: list[int]
+    ttfts: list[int]
+    tpots: list[float]
+    offline: list[int]
+    #: The median repeat (its total and its meter's breakdown are reported).
+    mid: int
+    meter: ForwardMeter
+    outputs: Any
+
+
+def measure(p: Prepared, model: SplitModel) -> Measured:
+    cfg, w = p.cfg, p.cfg.workload
+    totals: list[int] = []
+    ttfts: list[int] = []
+    tpots: list[float] = []
+    offline: list[int] = []
+    meters: list[ForwardMeter] = []
+    outputs: Any = None
+    shapes = forward_shapes(p)
+    bar = _progress(w.warmup + w.repeats, f"{cfg.stage} {w.kind} split")
+    for i in range(w.warmup + w.repeats):
+        t0 = now_ns()
+        p.protection.precompute(shapes)
+        t_offline = now_ns() - t0
+        meter = ForwardMeter(calls_per_forward=len(p.schedule.calls))
+        t0 = now_ns()
+        if w.kind == "prefill":
+            logits = prefill(model, p.prompt, meter)
+            total = now_ns() - t0
+            outputs, ttft, tpot = logits, total, None
+        else:
+            sampler = Sampler(Sampling(w.temperature, w.top_p, cfg.seed))
+            stop = None
+            if w.kind == "generate" and p.tokenizer and cfg.prompt:
+                stop = p.tokenizer.eos_token_ids
+            gen = generate(model, p.prompt, len(shapes), sampler, meter, stop)
+            total = now_ns() - t0
+            outputs, ttft = gen, gen.ttft_ns
+            tpot = median([float(x) for x in gen.step_ns])
+        bar.update()
+        if i < w.warmup:
+            continue
+        totals.append(total)
+        ttfts.append(ttft)
+        offline.append(t_offline)
+        if tpot is not None:
+            tpots.append(tpot)
+        meters.append(meter)
+    bar.close()
+    mid = median_index(totals)
+    return Measured(totals, ttfts, tpots, offline, mid, meters[mid], outputs)
+
+
+def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]:
+    """Run transformers on the same weights, dtype and threads; compare and time it."""
+    from tsqp_core.reference import Reference, attention_kernel
+
+    w = p.cfg.workload
+    kernel = attention_kernel(server.get("attention", "eager"), p.partition.gpu_ops())
+    try:  # the GPU side's device, when this host has it (a remote server's may not be here)
+        device = resolve_device(p.cfg.device)
+    except ConfigError:
+        device = torch.device("cpu")
+    ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel, device)
+    totals, ttfts, tpots = [], [], []
+    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage} {w.kind} monolithic")
+    gen = logits = None
+    for i in range(w.warmup + w.repeats):
+        if w.kind == "prefill":
+            logits, ns = ref.prefill(p.prompt)
+            ttft, tpot = ns, None
+        else:
+            t0 = now_ns()
+            gen = ref.generate(p.prompt, len(outputs.tokens[0]))
+            ns, ttft = now_ns() - t0, gen.ttft_ns
+            tpot = median([float(x) for x in gen.step_ns])
+        bar.update()
+        if i >= w.warmup:
+            totals.append(ns)
+            ttfts.append(ttft)
+            if tpot is not None:
+                tpots.append(tpot)
+    bar.close()
+    if w.kind == "prefill":
+        assert logits is not None
+        diff = (outputs.float() - logits.float()).abs().max().item()
+        tokens_match = bool(torch.equal(outputs.argmax(-1), logits.argmax(-1)))
+    else:
+        assert gen is not None
+        tokens_match = gen.tokens == outputs.tokens
+        diff = 0.0
+        for a, b, ref_tokens, tokens in zip(outputs.step_logits, gen.step_logits,
+                                            zip(*gen.tokens), zip(*outputs.tokens)):
+            diff = max(diff, (a.float() - b.float()).abs().max().item())
+            if ref_tokens != tokens:  # inputs differ from here on
+                break
+    return {"impl": f"transformers {ref.version} ({ref.attention} attention, {ref.device})",
+            "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
+                           "tpot": (median(tpots) / 1e6) if tpots else None,
+                           "repeats_total": [t / 1e6 for t in totals]},
+            "max_abs_logit_diff": diff, "tokens_match": tokens_match,
+            "reference_tokens": gen.tokens if gen is not None else None}

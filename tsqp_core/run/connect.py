@@ -1,0 +1,69 @@
+"""Reaching the GPU side: one context manager that starts it (or finds a running one),
+connects, says hello and yields a ready :class:`~tsqp_core.tee.pipeline.SplitModel`.
+
+The run and the tests use this one piece of wiring; whatever it started is stopped when the
+block ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+from tsqp_core.graph import Op
+from tsqp_core.launch import ServerSpec, gpu_side
+from tsqp_core.models.source import load_weights
+from tsqp_core.protection import PublicWeights, SecureRandom, TeeContext
+from tsqp_core.protocol import Hello, HelloReply
+from tsqp_core.run.prepare import Prepared
+from tsqp_core.schedule import plan_entries
+from tsqp_core.tee.client import RemoteGpu
+from tsqp_core.tee.pipeline import SplitModel
+
+
+@dataclass
+class Connected:
+    model: SplitModel
+    #: What the GPU side said it runs (device, dtype, executor options, attention kernel).
+    hello: HelloReply
+    #: The server object when it runs in this process (``transport=inproc``), else None.
+    local_server: Any
+
+
+def server_spec(p: Prepared) -> ServerSpec:
+    cfg = p.cfg
+    return ServerSpec(transport=cfg.transport.model_dump(), address=None,
+                      model_dir=str(p.model_dir),
+                      executor={"name": cfg.executor.name, "options": cfg.executor.options},
+                      dtype=cfg.dtype, device=cfg.device, threads=cfg.threads.gpu,
+                      max_sessions=cfg.server.max_sessions)
+
+
+@contextlib.contextmanager
+def connect(p: Prepared) -> Iterator[Connected]:
+    cfg = p.cfg
+    tee_kinds = {step.kind for step in p.schedule.steps if isinstance(step, Op)}
+    weights = load_weights(p.ckpt, tee_kinds, cfg.torch_dtype)
+    with gpu_side(server_spec(p), in_process=p.transport.in_process,
+                  external=cfg.server.address,
+                  startup_timeout=cfg.server.startup_timeout_s) as side:
+        channel = p.transport.connect(side.address, side.watchdog)
+        try:
+            remote = RemoteGpu(channel, borrowed=p.transport.borrowed_frames,
+                               timeout=cfg.server.timeout_s)
+            hello = remote.hello(
+                Hello(fingerprint=p.fingerprint, executor=cfg.executor.name, dtype=cfg.dtype,
+                      protection={"name": cfg.protection.name,
+                                  "options": dict(cfg.protection.options)},
+                      plan=plan_entries(p.schedule, p.wires)),
+                timeout=cfg.server.startup_timeout_s)
+            p.protection.bind(TeeContext(p.ckpt.dims, cfg.torch_dtype, p.schedule,
+                                         SecureRandom(), PublicWeights(p.ckpt)))
+            model = SplitModel(schedule=p.schedule, wires=p.wires, dims=p.ckpt.dims,
+                               config=p.ckpt.config, weights=weights,
+                               tee_impls=p.tee_ops.implementations(), remote=remote,
+                               protection=p.protection)
+            yield Connected(model, hello, side.server)
+        finally:
+            channel.close()

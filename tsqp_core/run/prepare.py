@@ -1,0 +1,108 @@
+"""Everything a run can check before any process starts: plugins and their options, the
+model, the schedule and what the protection scheme makes of it, the prompt."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tsqp_core.config import ConfigError, RunConfig, resolve_device
+from tsqp_core.models.source import Checkpoint, fingerprint, resolve
+from tsqp_core.plugins import PluginError, get_plugins
+from tsqp_core.protocol import CallWire
+from tsqp_core.schedule import Schedule, build_schedule
+
+
+class InputError(ValueError):
+    """The workload cannot run on this model (prompt too long, no tokenizer, ...)."""
+
+
+@dataclass
+class Prepared:
+    cfg: RunConfig
+    transport: Any
+    partition: Any
+    protection: Any
+    tee_ops: Any
+    #: The executor's plugin when it is installed here (its options are then validated
+    #: here too); the TEE side never runs it.
+    executor: Any
+    grouping: str
+    model_dir: Path
+    ckpt: Checkpoint
+    fingerprint: str
+    schedule: Schedule
+    #: Per call, the wire layout the protection scheme declares (agreed at hello).
+    wires: list[CallWire]
+    prompt: torch.Tensor
+    tokenizer: Any
+
+
+def prepare(cfg: RunConfig) -> Prepared:
+    """All validation that needs no GPU side."""
+    plugins = get_plugins()
+    objs = {fam: plugins.registry(fam).create(getattr(cfg, fam).name, getattr(cfg, fam).options)
+            for fam in ("transport", "partition", "protection", "tee_ops")}
+    executor, grouping = executor_grouping(cfg)
+    if cfg.server.address is None:  # a server we start here must find its device here
+        resolve_device(cfg.device)
+    model_dir = resolve(cfg.model)
+    ckpt = Checkpoint(model_dir)
+    schedule = build_schedule(ckpt.dims.layers, objs["partition"].gpu_ops(), grouping)
+    objs["protection"].check(schedule)
+    wires = [objs["protection"].wire(call, call.plain_wire(ckpt.dims, cfg.dtype))
+             for call in schedule.calls]
+    tokenizer = None
+    if cfg.model.tokenizer != "none":
+        from tsqp_core.models.tokenizers import load_tokenizer
+
+        tokenizer = load_tokenizer(cfg.model.tokenizer, model_dir)
+    prompt = make_prompt(cfg, ckpt, tokenizer)
+    return Prepared(cfg, executor=executor, grouping=grouping, model_dir=model_dir, ckpt=ckpt,
+                    fingerprint=fingerprint(model_dir), schedule=schedule, wires=wires,
+                    prompt=prompt, tokenizer=tokenizer, **objs)
+
+
+def executor_grouping(cfg: RunConfig) -> tuple[Any, str]:
+    """The executor plugin (if installed here, its options validated) and its grouping: the
+    plugin's declaration, or ``executor.grouping`` when the plugin lives only on the GPU host
+    (``server.address`` set)."""
+    registry = get_plugins().executors
+    declared = cfg.executor.grouping
+    if cfg.executor.name not in registry.names():
+        if cfg.server.address is None:  # the server this run starts runs it here
+            registry.get(cfg.executor.name)  # "unknown executor ...; choose one of: ..."
+        if declared is None:
+            raise PluginError(
+                f"executor '{cfg.executor.name}' is not installed here, so how it groups GPU "
+                "ops into calls is unknown: set executor.grouping=op|run (or install it); "
+                f"installed: {', '.join(registry.names()) or '(none)'}")
+        return None, declared
+    executor = registry.create(cfg.executor.name, cfg.executor.options)
+    if declared is not None and declared != executor.grouping:
+        raise ConfigError(f"executor.grouping={declared} but executor '{cfg.executor.name}' "
+                          f"groups by {executor.grouping!r}")
+    return executor, executor.grouping
+
+
+def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> torch.Tensor:
+    w = cfg.workload
+    if cfg.prompt is not None and w.kind != "bench":  # a benchmark times shapes, not text
+        if tokenizer is None:
+            raise InputError(f"model '{cfg.model.name}' has no tokenizer; drop prompt= to use "
+                             "random token ids")
+        ids = tokenizer.encode(cfg.prompt)
+        if not ids:
+            raise InputError("the prompt encodes to no tokens")
+        prompt = torch.tensor([ids] * w.batch, dtype=torch.int64)
+    else:
+        gen = torch.Generator().manual_seed(cfg.seed)
+        prompt = torch.randint(0, ckpt.dims.vocab, (w.batch, w.prompt_tokens), generator=gen)
+    need = prompt.shape[1] + (w.new_tokens if w.kind in ("generate", "bench") else 0)
+    if need > ckpt.dims.max_positions:
+        raise InputError(f"prompt of {prompt.shape[1]} tokens + {need - prompt.shape[1]} new "
+                         f"tokens exceeds the model's context of {ckpt.dims.max_positions}")
+    return prompt
