@@ -70,6 +70,14 @@ class GpuServer:
         self._kinds: frozenset[str] = frozenset()
         #: GPU-side parts of protection schemes, by (name, options), around ``_backend``.
         self._protected: dict[str, Backend] = {}
+        #: Called with every request and its reply (see :meth:`observe`).
+        self._observers: list[Callable[[list[Any], list[Any]], None]] = []
+
+    def observe(self, observer: Callable[[list[Any], list[Any]], None]) -> None:
+        """Have ``observer(request_frames, reply_frames)`` called after every request: what
+        the GPU side received and what it answered (views valid only during the call). For
+        recording the GPU side's view in tests and attacks; costs nothing when unused."""
+        self._observers.append(observer)
 
     # --- the loop ------------------------------------------------------------------------
 
@@ -80,6 +88,12 @@ class GpuServer:
 
     def handle(self, frames: list[Any]) -> list[Any]:
         """One request's frames in, the reply's frames out. Never raises."""
+        reply = self._handle(frames)
+        for observer in self._observers:
+            observer(frames, reply)
+        return reply
+
+    def _handle(self, frames: list[Any]) -> list[Any]:
         req_id: int | None = None
         try:
             t0 = now_ns()

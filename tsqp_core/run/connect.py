@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator, Sequence
 
 from tsqp_core.graph import Op
 from tsqp_core.launch import ServerSpec, gpu_side
@@ -41,13 +41,21 @@ def server_spec(p: Prepared) -> ServerSpec:
 
 
 @contextlib.contextmanager
-def connect(p: Prepared) -> Iterator[Connected]:
+def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = ()
+            ) -> Iterator[Connected]:
+    """A connected split model. ``observers`` watch every request the GPU side receives and
+    its reply, from the hello on (see :meth:`tsqp_core.gpu.server.GpuServer.observe`); they
+    need the GPU side in this process (``transport=inproc``)."""
     cfg = p.cfg
+    if observers and not p.transport.in_process:
+        raise ValueError("observing the GPU side needs it in this process: transport=inproc")
     tee_kinds = {step.kind for step in p.schedule.steps if isinstance(step, Op)}
     weights = load_weights(p.ckpt, tee_kinds, cfg.torch_dtype)
     with gpu_side(server_spec(p), in_process=p.transport.in_process,
                   external=cfg.server.address,
                   startup_timeout=cfg.server.startup_timeout_s) as side:
+        for observer in observers:
+            side.server.observe(observer)
         channel = p.transport.connect(side.address, side.watchdog)
         try:
             remote = RemoteGpu(channel, borrowed=p.transport.borrowed_frames,

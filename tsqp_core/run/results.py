@@ -116,7 +116,7 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"latency: total {lat['total']:.1f} ms, ttft {lat['ttft']:.1f} ms{tpot}")
     lines.append("breakdown: " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat["breakdown"].items()))
     prot = result.get("protection") or {}
-    if prot.get("offline_ms"):
+    if c["protection"] != "none":
         lines.append(f"protection offline (before the timer): {prot['offline_ms']:.1f} ms")
     lines.append(f"rpc: {r['calls_per_forward']} calls/forward, {r['calls']} calls, "
                  f"{r['bytes_to_gpu'] / 1e6:.2f} MB to gpu, {r['bytes_from_gpu'] / 1e6:.2f} MB back")
