@@ -46,7 +46,7 @@ from tsqp_core.app import CONF_DIR  # noqa: E402
 from tsqp_core.plugins import get_plugins  # noqa: E402
 
 EXECUTORS = get_plugins().executors.names()
-PARTITIONS = ["seed", "attn_mlp", "layer"]
+PARTITIONS = ["seed", "attn_mlp", "layer", "linears"]
 FP32_TOL = 1e-4
 STEPS = 32
 #: Partitions that put rope..attn_context of a layer into one run of GPU ops.
@@ -269,6 +269,8 @@ needs_fused = pytest.mark.skipif("fused" not in EXECUTORS, reason="tsqp-executor
     (("executor=fused", "partition=attn_mlp"), 34),
     (("executor=fused", "partition=seed"), 82),
     (("executor=unfused", "partition=seed"), 98),
+    (("executor=fused", "partition=linears"), 65),  # 4 per layer + lm_head, either executor
+    (("executor=unfused", "partition=linears"), 65),
 ])
 def test_calls_per_forward(overrides, calls):
     from tsqp_core.run import prepare

@@ -5,7 +5,8 @@ from __future__ import annotations
 from tsqp_core import hookimpl
 from tsqp_core.executor import UnfusedExecutor
 from tsqp_core.inproc import InprocTransport
-from tsqp_core.partition import AttnMlpPartition, CustomPartition, LayerPartition, SeedPartition
+from tsqp_core.partition import (AttnMlpPartition, CustomPartition, LayerPartition,
+                                  LinearsPartition, SeedPartition)
 from tsqp_core.protection.none import NoProtection
 from tsqp_core.tee_ops import TorchTeeOps
 
@@ -27,7 +28,8 @@ def tsqp_register_tee_ops(register):
 
 @hookimpl
 def tsqp_register_partitions(register):
-    for cls in (SeedPartition, AttnMlpPartition, LayerPartition, CustomPartition):
+    for cls in (SeedPartition, AttnMlpPartition, LayerPartition, LinearsPartition,
+                CustomPartition):
         register(cls)
 
 

@@ -62,6 +62,14 @@ class LayerPartition(FixedPartition):
            "attn_residual", "post_norm", "gate_up_proj", "act", "down_proj", "lm_head")
 
 
+class LinearsPartition(FixedPartition):
+    name = "linears"
+    summary = ("only the five weight products on the GPU side (q/k/v, o, gate/up, down, "
+               "lm_head): embedding, norms, RoPE, attention with its KV cache, SiLU and "
+               "residuals stay in the TEE (4 calls/layer + 1); the one a masking scheme accepts")
+    GPU = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
 class CustomPartition(Partition):
     name = "custom"
     summary = "any set of GPU ops: partition.options.gpu=[embed,qkv_proj,...]"
