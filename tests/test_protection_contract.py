@@ -93,7 +93,7 @@ def test_reproduces_the_unprotected_logits_or_refuses(protection, partition, exe
         return
     _, logits, _ = recorded_run(protection, partition, executor)
     _, plain, _ = twin(partition, executor)
-    tol = type(p.protection).tolerance[p.cfg.dtype]
+    tol = p.protection.tolerance[p.cfg.dtype]
     for a, b in zip(logits, plain):
         assert (a.float() - b.float()).abs().max().item() <= tol
 

@@ -8,6 +8,7 @@ from tsqp_core.inproc import InprocTransport
 from tsqp_core.partition import (AttnMlpPartition, CustomPartition, LayerPartition,
                                   LinearsPartition, SeedPartition)
 from tsqp_core.protection.none import NoProtection
+from tsqp_core.protection.otp import OtpProtection
 from tsqp_core.tee_ops import TorchTeeOps
 
 
@@ -36,3 +37,4 @@ def tsqp_register_partitions(register):
 @hookimpl
 def tsqp_register_protections(register):
     register(NoProtection)
+    register(OtpProtection)

@@ -27,7 +27,10 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
     "int64": torch.int64,
     "int32": torch.int32,
+    "int16": torch.int16,
+    "int8": torch.int8,
     "uint8": torch.uint8,
+    "float64": torch.float64,
 }
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 

@@ -171,6 +171,9 @@ class Protection(ABC):
     def end_session(self, session: int) -> None:
         """A generation ended: drop its per-session state."""
 
+    def close(self) -> None:
+        """The run is over: stop any worker, drop every secret. Idempotent."""
+
     @abstractmethod
     def seen_as(self, value: str, how: str) -> str:
         """What the GPU side sees of ``value`` (``how``: ``sent to gpu`` or ``computed on

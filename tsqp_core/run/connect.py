@@ -74,4 +74,5 @@ def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = ()
                                protection=p.protection)
             yield Connected(model, hello, side.server)
         finally:
+            p.protection.close()
             channel.close()

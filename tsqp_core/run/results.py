@@ -121,11 +121,18 @@ def summary(result: dict[str, Any]) -> str:
     lines.append(f"rpc: {r['calls_per_forward']} calls/forward, {r['calls']} calls, "
                  f"{r['bytes_to_gpu'] / 1e6:.2f} MB to gpu, {r['bytes_from_gpu'] / 1e6:.2f} MB back")
     exposed = sorted({e["tensor"] for e in result["exposure"] if e["plaintext"]})
-    masked = sorted({f"{e['tensor']} ({e['seen_as']})" for e in result["exposure"]
-                     if not e["plaintext"]})
     lines.append("gpu side sees in plaintext: " + ("; ".join(exposed) or "nothing"))
-    if masked:
-        lines.append("gpu side sees masked: " + "; ".join(masked))
+    masked: dict[str, set[str]] = {}
+    for e in result["exposure"]:
+        if not e["plaintext"]:
+            masked.setdefault(e["seen_as"], set()).add(e["tensor"])
+    for how, tensors in sorted(masked.items()):
+        lines.append(f"gpu side sees masked ({how}): " + "; ".join(sorted(tensors)))
+    integrity = prot.get("integrity")
+    if integrity:
+        lines.append(f"integrity: {integrity['checks']} products checked "
+                     f"({integrity['rows_checked']} rows), {integrity['failed']} failed, "
+                     f"soundness 2^-{integrity['soundness_bits']} per row")
     ref = result.get("reference")
     if ref:
         ratio = (result.get("ratio") or {}).get("total")

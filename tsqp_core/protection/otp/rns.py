@@ -1,0 +1,74 @@
+"""Residue number system over primes below 256: centred int8 residues and Garner's CRT.
+
+An integer ``y`` with ``|y| < M/2``, ``M = p_1 ... p_k``, is carried as its ``k`` residues
+``y mod p_i``, each centred into ``[-(p_i - 1)/2, (p_i - 1)/2]`` so that it fits an int8 and
+an int8 x int8 -> int32 GEMM (``torch._int_mm``) computes exact products of residues for
+reduction dimensions ``K < 2**31 / 127**2`` (~133 000). :class:`Crt` rebuilds ``y`` from its
+residues (Garner's mixed-radix algorithm, all in int64: every intermediate stays below
+``M < 2**63``).
+"""
+
+from __future__ import annotations
+
+import math
+from functools import cached_property
+
+import torch
+
+#: The largest primes below 256, in descending order; a modulus takes the first ``k``.
+PRIMES: tuple[int, ...] = (251, 241, 239, 233, 229, 227, 223, 211, 199, 197, 193, 191)
+#: With k primes the modulus must stay below 2**63 for int64 reconstruction: at most 8.
+MAX_PRIMES = 8
+#: Largest reduction dimension for which an int8 residue product is exact in int32.
+MAX_K_INT32 = (2**31 - 1) // (127 * 127)
+
+
+def primes(k: int) -> tuple[int, ...]:
+    if not 1 <= k <= MAX_PRIMES:
+        raise ValueError(f"k must be in [1, {MAX_PRIMES}] (the modulus must fit int64), got {k}")
+    return PRIMES[:k]
+
+
+def modulus(ps: tuple[int, ...]) -> int:
+    return math.prod(ps)
+
+
+def centre(r: torch.Tensor, p: int) -> torch.Tensor:
+    """``r`` (any integers) reduced mod ``p`` into ``[-(p-1)/2, (p-1)/2]``, same dtype."""
+    r = torch.remainder(r, p)
+    return torch.where(r > p // 2, r - p, r)
+
+
+def residues(x: torch.Tensor, ps: tuple[int, ...]) -> torch.Tensor:
+    """Centred residues of int64 ``x`` as int8 ``[k, *x.shape]``."""
+    return torch.stack([centre(x, p).to(torch.int8) for p in ps])
+
+
+class Crt:
+    """Reconstruction from residues modulo ``ps`` (pairwise coprime, product < 2**63)."""
+
+    def __init__(self, ps: tuple[int, ...]) -> None:
+        if len(ps) > MAX_PRIMES or modulus(ps) >= 2**63:
+            raise ValueError("the modulus must stay below 2**63")
+        self.ps = tuple(ps)
+        self.M = modulus(ps)
+        # Garner: inverse of p_1...p_{i-1} modulo p_i, and the mixed-radix weights
+        self._inv = [pow(math.prod(ps[:i]), -1, p) if i else 1 for i, p in enumerate(ps)]
+        self._radix = [math.prod(ps[:i]) for i in range(len(ps))]
+
+    @cached_property
+    def half(self) -> int:
+        return self.M // 2
+
+    def rebuild(self, res: torch.Tensor) -> torch.Tensor:
+        """``y`` in ``(-M/2, M/2]`` (int64) from residues ``res`` ``[k, ...]`` (any integer
+        dtype, any representative of each class)."""
+        if res.shape[0] != len(self.ps):
+            raise ValueError(f"{res.shape[0]} residues for {len(self.ps)} primes")
+        res = res.to(torch.int64)
+        y = torch.zeros(res.shape[1:], dtype=torch.int64)
+        for i, p in enumerate(self.ps):
+            # the value so far, y = v_1 + v_2 p_1 + ..., taken mod p_i
+            acc = torch.remainder(res[i] - torch.remainder(y, p), p)
+            y = y + torch.remainder(acc * self._inv[i], p) * self._radix[i]
+        return torch.where(y > self.half, y - self.M, y)

@@ -1,0 +1,54 @@
+"""The public weights as the residue scheme uses them, computed the same way on both sides.
+
+For each weight product (``qkv_proj``: ``[Wq; Wk; Wv]``, ``gate_up_proj``: ``[Wgate; Wup]``,
+``o_proj``, ``down_proj``, ``lm_head``) the weight ``W`` ``[N, K]`` is quantised per output
+row to ``bits`` bits (:func:`~.fixed.quantize`, on the CPU in float64 so that both sides get
+the same integers), then reduced modulo each prime: ``T[i] = W_int^T mod p_i``, int8
+``[k, K, N]`` (the layout ``torch._int_mm`` reads fastest). The GPU side keeps only ``T``;
+the TEE side also keeps ``W_int`` (for Freivalds probes), the row exponents (to dequantise)
+and the row norms (for the range bound).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from tsqp_core.protection.otp.fixed import quantize
+from tsqp_core.protection.otp.rns import centre
+
+#: Op kinds a residue scheme can carry: products of a private input with a public weight.
+LINEAR_KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
+
+
+@dataclass
+class QuantWeight:
+    #: ``W_int^T mod p_i`` centred, int8 ``[k, K, N]``.
+    residues: torch.Tensor
+    #: ``W_int`` int32 ``[N, K]`` (|w| <= 2**(bits-1)); TEE side only (None on the GPU side).
+    w_int: torch.Tensor | None
+    #: Row exponents: ``W ~= w_int * 2**-exps[:, None]``.
+    exps: torch.Tensor
+    #: Largest row norm ``max_j ||w_int[j]||``, for the Cauchy-Schwarz bound.
+    max_norm: float
+    #: Per-row norms ``||w_int[j]||`` (float64 ``[N]``).
+    norms: torch.Tensor
+
+    @property
+    def out_features(self) -> int:
+        return self.residues.shape[2]
+
+    @property
+    def in_features(self) -> int:
+        return self.residues.shape[1]
+
+
+def quantize_weight(w: torch.Tensor, bits: int, primes: tuple[int, ...],
+                    keep_int: bool) -> QuantWeight:
+    """``w`` ``[N, K]`` (any float dtype, on the CPU) as a :class:`QuantWeight`."""
+    w_int, exps = quantize(w, bits)
+    norms = w_int.to(torch.float64).norm(dim=-1)
+    residues = torch.stack([centre(w_int.T, p).to(torch.int8).contiguous() for p in primes])
+    return QuantWeight(residues, w_int.to(torch.int32) if keep_int else None, exps,
+                       float(norms.max()) if norms.numel() else 0.0, norms)
