@@ -52,6 +52,8 @@ class Server(Strict):
     startup_timeout_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     max_sessions: int = Field(4, ge=1)
+    #: Make the GPU side lie on purpose (see tsqp_core/gpu/tamper.py): tests and demos only.
+    tamper: dict[str, Any] | None = None
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

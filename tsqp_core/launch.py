@@ -38,6 +38,8 @@ class ServerSpec:
     device: str
     threads: int
     max_sessions: int
+    #: ``server.tamper``: corrupt replies on purpose (tests, demonstrations), or None.
+    tamper: dict[str, Any] | None = None
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -52,8 +54,11 @@ def build_server(spec: ServerSpec):
     plugins = get_plugins()
     transport = plugins.transports.create(spec.transport["name"], spec.transport.get("options"))
     executor = plugins.executors.create(spec.executor["name"], spec.executor.get("options"))
+    from tsqp_core.gpu.tamper import Tamper
+
     server = GpuServer(Path(spec.model_dir), executor, spec.executor["name"], DTYPES[spec.dtype],
-                       resolve_device(spec.device), spec.max_sessions)
+                       resolve_device(spec.device), spec.max_sessions,
+                       Tamper(**spec.tamper) if spec.tamper is not None else None)
     return server, transport.listen(spec.address)
 
 

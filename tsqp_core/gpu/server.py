@@ -29,6 +29,7 @@ import torch
 from tsqp_core import __version__, codec, protocol
 from tsqp_core.codec import ProtocolError
 from tsqp_core.executor import Backend, Executor, GpuCall
+from tsqp_core.gpu.tamper import Tamper
 from tsqp_core.graph import STATEFUL, Op, forward_ops
 from tsqp_core.metrics import now_ns
 from tsqp_core.models.source import Checkpoint, fingerprint
@@ -53,7 +54,8 @@ class _Plan:
 
 class GpuServer:
     def __init__(self, model_dir: Path, executor: Executor, executor_name: str,
-                 dtype: torch.dtype, device: torch.device, max_sessions: int = 4) -> None:
+                 dtype: torch.dtype, device: torch.device, max_sessions: int = 4,
+                 tamper: Tamper | None = None) -> None:
         self.ckpt = Checkpoint(model_dir)
         self.fingerprint = fingerprint(model_dir)
         self.executor = executor
@@ -62,6 +64,8 @@ class GpuServer:
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.device = device
         self.max_sessions = max_sessions
+        #: Deliberate corruption of replies (tests and demonstrations only; see tamper.py).
+        self.tamper = tamper
         self.dims = self.ckpt.dims
         self._ops = {(op.kind, op.layer): op for op in forward_ops(self.dims.layers)}
         self._plans: OrderedDict[str, _Plan] = OrderedDict()
@@ -238,7 +242,10 @@ class GpuServer:
             raise
         t_compute = now_ns() - t0
         t0 = now_ns()
-        specs, buffers = codec.encode_tensors({t.name: env[t.name] for t in call.wire.outputs})
+        out = {t.name: env[t.name] for t in call.wire.outputs}
+        if self.tamper is not None:
+            self.tamper.apply(call.index, out)
+        specs, buffers = codec.encode_tensors(out)
         t_encode = now_ns() - t0
         return protocol.encode_reply(
             req_id, protocol.CallReply(t_decode, t_compute, t_encode).header(), specs, buffers)

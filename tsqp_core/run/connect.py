@@ -37,7 +37,7 @@ def server_spec(p: Prepared) -> ServerSpec:
                       model_dir=str(p.model_dir),
                       executor={"name": cfg.executor.name, "options": cfg.executor.options},
                       dtype=cfg.dtype, device=cfg.device, threads=cfg.threads.gpu,
-                      max_sessions=cfg.server.max_sessions)
+                      max_sessions=cfg.server.max_sessions, tamper=cfg.server.tamper)
 
 
 @contextlib.contextmanager

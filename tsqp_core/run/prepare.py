@@ -47,6 +47,16 @@ def prepare(cfg: RunConfig) -> Prepared:
     objs = {fam: plugins.registry(fam).create(getattr(cfg, fam).name, getattr(cfg, fam).options)
             for fam in ("transport", "partition", "protection", "tee_ops")}
     executor, grouping = executor_grouping(cfg)
+    if cfg.server.tamper is not None:
+        from pydantic import ValidationError
+
+        from tsqp_core.gpu.tamper import Tamper
+
+        try:
+            Tamper(**cfg.server.tamper)
+        except ValidationError as exc:
+            raise ConfigError(f"server.tamper: {exc.errors()[0]['loc']}: "
+                              f"{exc.errors()[0]['msg']}") from None
     if cfg.server.address is None:  # a server we start here must find its device here
         resolve_device(cfg.device)
     model_dir = resolve(cfg.model)
