@@ -22,6 +22,8 @@ run as float64 GEMMs on limbs small enough that every partial sum is an integer 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 Q = (1 << 61) - 1
@@ -30,13 +32,18 @@ SOUNDNESS_BITS = 61
 _BLOCK = 1 << 14
 
 
+@functools.lru_cache(maxsize=16)
+def _shifts(bits: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int64)
+
+
 def _weighted_sum_mod(parts: torch.Tensor, shifts: list[int]) -> torch.Tensor:
     """``sum_i parts[..., i] * 2**shifts[i] mod Q`` for int64 ``parts`` of any sign.
 
     Each term: ``x = remainder(parts, Q) < 2**61``, written ``x = hi * 2**(61-s) + lo``, is
     ``hi + lo * 2**s`` modulo ``Q`` (``2**61 == 1``), a value below ``2**62``; four reduced
     terms sum below ``2**63``."""
-    s = torch.tensor([b % 61 for b in shifts], dtype=torch.int64)
+    s = _shifts(tuple(b % 61 for b in shifts))
     x = torch.remainder(parts, Q)
     hi, lo = x >> (61 - s), x & ((1 << (61 - s)) - 1)
     terms = torch.remainder(hi + (lo << s), Q)
