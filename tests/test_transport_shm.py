@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import posix_ipc
 import pytest
@@ -225,13 +226,28 @@ def _server_child(run: subprocess.Popen) -> int:
     raise AssertionError("the run started no GPU-side child")
 
 
+def _wait_linked(child: int, timeout: float = 120) -> None:
+    """Until the GPU-side child has mapped a shm link (its client connected), then a second
+    more: the run is past startup however loaded the machine is."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if "/tsqp-" in Path(f"/proc/{child}/maps").read_text():
+                time.sleep(1.0)
+                return
+        except OSError:
+            pass
+        time.sleep(0.1)
+    raise AssertionError("the GPU-side child never connected its shm link")
+
+
 @pytest.mark.slow
 def test_kill_9_of_the_server_mid_run_fails_the_run_clearly(tmp_path):
     run = _start_run(tmp_path, "workload=generate", "workload.new_tokens=3000",
                      "server.timeout_s=30")
     try:
         child = _server_child(run)
-        time.sleep(4)  # well into decoding
+        _wait_linked(child)  # well into decoding
         os.kill(child, signal.SIGKILL)
         t0 = time.monotonic()
         _, err = run.communicate(timeout=60)
@@ -249,7 +265,7 @@ def test_ctrl_c_of_a_stage1_run_leaves_nothing(tmp_path):
     run = _start_run(tmp_path, "workload=generate", "workload.new_tokens=3000")
     try:
         child = _server_child(run)
-        time.sleep(4)
+        _wait_linked(child)
         os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
         run.wait(timeout=60)
     finally:
