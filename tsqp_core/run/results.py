@@ -130,9 +130,12 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"gpu side sees masked ({how}): " + "; ".join(sorted(tensors)))
     integrity = prot.get("integrity")
     if integrity:
+        how = (f"soundness 2^-{integrity['soundness_bits']} per row"
+               if integrity.get("soundness_bits") else integrity.get("kind", ""))
+        unverified = integrity.get("unverified_calls")
         lines.append(f"integrity: {integrity['checks']} products checked "
-                     f"({integrity['rows_checked']} rows), {integrity['failed']} failed, "
-                     f"soundness 2^-{integrity['soundness_bits']} per row")
+                     f"({integrity['rows_checked']} rows), {integrity['failed']} failed, {how}"
+                     + (f"; {unverified} calls not verifiable" if unverified else ""))
     ref = result.get("reference")
     if ref:
         ratio = (result.get("ratio") or {}).get("total")
