@@ -65,6 +65,8 @@ class Measured:
     mid: int
     meter: ForwardMeter
     outputs: Any
+    #: The forwards one repeat runs (what the protection precomputed for).
+    forward_shapes: list[ForwardShape]
 
 
 def measure(p: Prepared, model: SplitModel) -> Measured:
@@ -107,7 +109,7 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
         meters.append(meter)
     bar.close()
     mid = median_index(totals)
-    return Measured(totals, ttfts, tpots, offline, mid, meters[mid], outputs)
+    return Measured(totals, ttfts, tpots, offline, mid, meters[mid], outputs, shapes)
 
 
 def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]:
