@@ -38,6 +38,7 @@ COLUMNS: dict[str, str] = {
     "monolithic_ms": ".3f", "split_over_monolithic": ".3f",
     "prefill_ms": ".3f", "monolithic_prefill_ms": ".3f", "prefill_ratio": ".3f",
     "decode_ms_per_token": ".3f", "monolithic_decode_ms_per_token": ".3f", "decode_ratio": ".3f",
+    "prefill_us_per_call": ".1f", "decode_us_per_call": ".1f",
     "max_abs_logit_diff": ".3g", "tokens_match": "s",
 }
 
@@ -110,6 +111,7 @@ def row(run: Run, root: Path, varying: list[str]) -> dict[str, Any]:
     ref = r.get("reference") or {}
     ref_lat = ref.get("latency_ms") or {}
     ratio = r.get("ratio") or {}
+    per_call = (r.get("bench") or {}).get("per_call_overhead_us") or {}
     per_fwd = rpc.get("per_forward")
     if per_fwd is None:  # older results: average over the forwards of the span
         forwards = max(1, round(rpc["calls"] / rpc["calls_per_forward"])) if rpc["calls_per_forward"] else 1
@@ -138,6 +140,8 @@ def row(run: Run, root: Path, varying: list[str]) -> dict[str, Any]:
         "decode_ms_per_token": lat.get("tpot"),
         "monolithic_decode_ms_per_token": ref_lat.get("tpot"),
         "decode_ratio": ratio.get("tpot", _ratio(lat.get("tpot"), ref_lat.get("tpot"))),
+        "prefill_us_per_call": per_call.get("prefill"),
+        "decode_us_per_call": per_call.get("decode"),
         "max_abs_logit_diff": ref.get("max_abs_logit_diff"),
         "tokens_match": ref.get("tokens_match"),
     }
@@ -228,13 +232,14 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path) -> str
     lines += [
         "Times in ms. *total* is one run of the workload (the median repeat) and its breakdown "
         "adds up to it; *monolithic* is transformers on the same weights, dtype and TEE threads; "
-        "*prefill* and *decode per token* read split / monolithic (ratio); calls and MB per "
+        "*prefill* and *decode per token* read split / monolithic (ratio); *µs/call* is "
+        "(split - monolithic) / calls per forward, prefill / decode; calls and MB per "
         "forward are those of the first forward (the prefill).", "",
     ]
     head = ["job", "stage", "transport", "executor", "dtype", "partition", "calls/fwd",
             "MB/fwd to / from GPU", "total", "serialize", "transport", "GPU compute",
             "TEE compute", "protect", "other", "monolithic", "split / mono", "prefill",
-            "decode per token", "max abs Δlogit"]
+            "decode per token", "µs/call", "max abs Δlogit"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [
@@ -247,6 +252,7 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path) -> str
             _pair(r["prefill_ms"], r["monolithic_prefill_ms"], r["prefill_ratio"], ".1f"),
             _pair(r["decode_ms_per_token"], r["monolithic_decode_ms_per_token"],
                   r["decode_ratio"]),
+            f"{_md(r['prefill_us_per_call'], '.0f')} / {_md(r['decode_us_per_call'], '.0f')}",
             _md(r["max_abs_logit_diff"], ".2g"),
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")

@@ -158,6 +158,8 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
     return {"impl": f"transformers {ref.version} ({ref.attention} attention, {ref.device})",
             "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
                            "tpot": (median(tpots) / 1e6) if tpots else None,
-                           "repeats_total": [t / 1e6 for t in totals]},
+                           "repeats_total": [t / 1e6 for t in totals],
+                           "repeats_ttft": [t / 1e6 for t in ttfts],
+                           "repeats_tpot": [t / 1e6 for t in tpots]},
             "max_abs_logit_diff": diff, "tokens_match": tokens_match,
             "reference_tokens": gen.tokens if gen is not None else None}

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from tsqp_core import __version__
-from tsqp_core.metrics import median
+from tsqp_core.metrics import median, ratio_spread
 from tsqp_core.run.bench import Measured
 from tsqp_core.run.prepare import Prepared
 
@@ -50,7 +50,9 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": {"total": m.totals[mid] / 1e6, "ttft": median(m.ttfts) / 1e6,
                        "tpot": (median(m.tpots) / 1e6) if m.tpots else None,
                        "breakdown": breakdown,
-                       "repeats_total": [t / 1e6 for t in m.totals]},
+                       "repeats_total": [t / 1e6 for t in m.totals],
+                       "repeats_ttft": [t / 1e6 for t in m.ttfts],
+                       "repeats_tpot": [t / 1e6 for t in m.tpots]},
         "protection": {**p.protection.report(), "online_ms": breakdown["protect"],
                        "offline_ms": offline_ms,
                        "offline_ms_per_forward": offline_ms / len(m.forward_shapes)},
@@ -69,21 +71,38 @@ def _ratio(split: float | None, mono: float | None) -> float | None:
     return split / mono if split is not None and mono else None
 
 
+def _per_call_us(split: float | None, mono: float | None, calls: int) -> float | None:
+    """What each call adds: ``(split - monolithic) / calls per forward``, in microseconds."""
+    return (split - mono) * 1e3 / calls if split is not None and mono is not None and calls \
+        else None
+
+
 def add_ratios(result: dict[str, Any]) -> None:
-    """``ratio`` (split / monolithic for total, ttft, tpot) wherever both times exist, and for
-    ``bench`` the ``bench`` section: prefill and per-token decode, split, monolithic, ratio."""
+    """``ratio`` (split / monolithic for total, ttft, tpot, medians of each side) wherever
+    both times exist, ``ratio_spread`` (min, median, max of the per-repeat ratios), and for
+    ``bench`` the ``bench`` section: prefill and per-token decode, split, monolithic, ratio,
+    and the per-call overhead ``(split - monolithic) / calls per forward``."""
     lat, ref = result["latency_ms"], result["reference"]["latency_ms"]
     result["ratio"] = {k: _ratio(lat.get(k), ref.get(k)) for k in ("total", "ttft", "tpot")}
+    result["ratio_spread"] = {k: ratio_spread(lat.get(f"repeats_{k}") or [],
+                                              ref.get(f"repeats_{k}") or [])
+                              for k in ("total", "ttft", "tpot")}
     if result["workload"]["kind"] != "bench":
         return
     threads = result["config"]["threads"]
+    calls = result["rpc"]["calls_per_forward"]
     result["bench"] = {
         "prefill_ms": {"split": lat["ttft"], "monolithic": ref["ttft"],
-                       "ratio": result["ratio"]["ttft"]},
+                       "ratio": result["ratio"]["ttft"],
+                       "ratio_spread": result["ratio_spread"]["ttft"]},
         "decode_ms_per_token": {"split": lat["tpot"], "monolithic": ref["tpot"],
-                                "ratio": result["ratio"]["tpot"]},
+                                "ratio": result["ratio"]["tpot"],
+                                "ratio_spread": result["ratio_spread"]["tpot"]},
         "total_ms": {"split": lat["total"], "monolithic": ref["total"],
                      "ratio": result["ratio"]["total"]},
+        "per_call_overhead_us": {"prefill": _per_call_us(lat["ttft"], ref["ttft"], calls),
+                                 "decode": _per_call_us(lat["tpot"], ref["tpot"], calls),
+                                 "calls_per_forward": calls},
         "decode_steps": result["workload"]["new_tokens"],
         "threads": {"split_tee": threads["tee"], "split_gpu": threads["gpu"],
                     "monolithic": threads["tee"]},
@@ -148,6 +167,12 @@ def summary(result: dict[str, Any]) -> str:
         for key, what in (("prefill_ms", "prefill"), ("decode_ms_per_token", "decode/token")):
             b = bench[key]
             if b["split"] is not None and b["monolithic"] is not None:
+                spread = b.get("ratio_spread")
+                per_call = bench["per_call_overhead_us"][
+                    "prefill" if key == "prefill_ms" else "decode"]
                 lines.append(f"bench {what}: split {b['split']:.2f} ms, monolithic "
-                             f"{b['monolithic']:.2f} ms, split/monolithic {b['ratio']:.2f}x")
+                             f"{b['monolithic']:.2f} ms, split/monolithic {b['ratio']:.2f}x"
+                             + (f" (repeats {spread['min']:.2f}-{spread['max']:.2f}x)"
+                                if spread else "")
+                             + (f", {per_call:.0f} us per call" if per_call is not None else ""))
     return "\n".join(lines)
