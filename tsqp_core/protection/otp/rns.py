@@ -33,8 +33,8 @@ def modulus(ps: tuple[int, ...]) -> int:
 
 def centre(r: torch.Tensor, p: int) -> torch.Tensor:
     """``r`` (any integers) reduced mod ``p`` into ``[-(p-1)/2, (p-1)/2]``, same dtype."""
-    r = torch.remainder(r, p)
-    return torch.where(r > p // 2, r - p, r)
+    half = p // 2  # p is odd: [0, p) - half is exactly [-half, half]
+    return torch.remainder(r + half, p) - half
 
 
 def residues(x: torch.Tensor, ps: tuple[int, ...]) -> torch.Tensor:

@@ -48,7 +48,11 @@ def quantize_weight(w: torch.Tensor, bits: int, primes: tuple[int, ...],
                     keep_int: bool) -> QuantWeight:
     """``w`` ``[N, K]`` (any float dtype, on the CPU) as a :class:`QuantWeight`."""
     w_int, exps = quantize(w, bits)
+    w_int = w_int.to(torch.int32)  # |w| <= 2**23: int32 arithmetic is exact and faster
     norms = w_int.to(torch.float64).norm(dim=-1)
-    residues = torch.stack([centre(w_int.T, p).to(torch.int8).contiguous() for p in primes])
-    return QuantWeight(residues, w_int.to(torch.int32) if keep_int else None, exps,
+    w_t = w_int.T.contiguous()  # transpose once; reduce it prime by prime into place
+    residues = torch.empty((len(primes), *w_t.shape), dtype=torch.int8)
+    for i, p in enumerate(primes):
+        residues[i] = centre(w_t, p)
+    return QuantWeight(residues, w_int if keep_int else None, exps,
                        float(norms.max()) if norms.numel() else 0.0, norms)
