@@ -40,5 +40,11 @@ def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
         add_ratios(result)
     else:
         result["reference"] = None
+    if cfg.attack:  # after the timed part: one recorded in-process prefill pair, attacked
+        from tsqp_core.attack.harness import attack_section
+
+        section = attack_section(cfg)
+        result["attacks"] = section
+        result["protection"]["attacks"] = section.get("attacks")
     write_results(outdir, result)
     return result
