@@ -9,7 +9,6 @@ a broken scheme is itself a bug.
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 import torch
@@ -223,15 +222,16 @@ def test_the_attack_command_writes_results_and_exits_by_verdict(tmp_path, capsys
 
 
 @pytest.mark.slow
-def test_smollm2_text_prompt_plaintext_recovered_otp_at_baseline():
+def test_smollm2_text_prompt_is_recovered_from_plaintext_and_the_blind_view_is_not():
+    """Real weights and real text (SmolLM2, 49 152 tokens): what ``none`` on ``linears`` gives
+    away. (``otp`` on SmolLM2 is left to ``python -m tsqp_core attack``: binding it quantises
+    every weight on both sides, about a minute here.)"""
     prompt = ("The Eiffel Tower was built for the 1889 World Fair in Paris, and today "
               "millions of tourists climb it every year.")
-    common = ["model=smollm2-135m", "partition=linears", "threads.tee=1", "threads.gpu=1",
-              f"prompt='{prompt}'"]
-    plain = harness.attack_section(harness.compose(*common, "protection=none"))
+    plain = harness.attack_section(harness.compose(
+        "model=smollm2-135m", "partition=linears", "protection=none", "threads.tee=1",
+        "threads.gpu=1", f"prompt='{prompt}'"))
     for name in ATTACKS:
-        assert plain["attacks"][name]["recovered"] >= 0.95, (name, plain["attacks"][name])
-        assert plain["attacks"][name]["blind_baseline"] <= 0.1
-    masked = harness.attack_section(harness.compose(*common, "protection=otp"))
-    assert masked["at_baseline"] and masked["passed"], masked["checks"]
-    assert math.isclose(masked["statistics"]["freshness"]["fraction"], 0.25, abs_tol=0.01)
+        a = plain["attacks"][name]
+        assert a["recovered"] >= 0.95 and not a["at_baseline"], (name, a)
+        assert a["blind_baseline"] <= 0.1, (name, a)

@@ -95,7 +95,8 @@ class Recording:
     view: ViewRecorder
     ids: torch.Tensor
     logits: list[torch.Tensor]
-    #: Bytes the scheme drew from its secure source during the recorded forwards.
+    #: Bytes the scheme drew from its secure source, from bind to the end of the recorded
+    #: forwards (a pool filled ahead of time counts: the check is a necessary condition).
     drawn: int
     model_dir: Path
     dtype: torch.dtype
@@ -129,14 +130,13 @@ def record(cfg: RunConfig, scheme: type | None = None, forwards: int = 2,
     error = None
     with connect(p, observers=[view]) as conn:
         assert p.protection.ctx is not None
-        rng = p.protection.ctx.rng
-        before = rng.drawn
+        rng = p.protection.ctx.rng  # made for this connection: its count starts at bind
         try:
             for _ in range(forwards):
                 logits.append(prefill(conn.model, ids, Meter()))
         except IntegrityError as exc:
             error = f"IntegrityError: {exc}"
-        drawn = rng.drawn - before
+        drawn = rng.drawn
     return Recording(p.protection, view, ids, logits, drawn, p.model_dir, cfg.torch_dtype, error)
 
 
