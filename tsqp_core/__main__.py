@@ -1,4 +1,4 @@
-"""Command line: ``python -m tsqp_core {run,serve,bench,plugins,report} ...``.
+"""Command line: ``python -m tsqp_core {run,serve,bench,attack,plugins,report} ...``.
 
 ``run`` and ``serve`` take Hydra overrides (``transport=shm executor=fused``, ``-m`` for sweeps,
 ``--help`` for the config groups)."""
@@ -22,6 +22,10 @@ commands:
   serve [OVERRIDES]   run the GPU side alone (binds loopback unless transport.options
                       says otherwise); point a run at it with server.address=ADDRESS
   bench WHAT [ARGS]   benchmarks; WHAT is one of: transport (bench WHAT --help)
+  attack [--mutant NAME] [OVERRIDES]
+                      record a run's GPU side in process, attack it with the public
+                      weights against a blind baseline, check the masks (exit 1 if a
+                      check fails); --mutant runs a deliberately broken scheme
   plugins             list installed plugins: name, family, package, version
   report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
                       results.json files under it (a sweep writes them itself)
@@ -53,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
+    if command == "attack":
+        from tsqp_core.attack.command import main as attack_main
+
+        return attack_main(rest)
     if command == "plugins":
         from tsqp_core.app import list_plugins
 

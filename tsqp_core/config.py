@@ -73,6 +73,9 @@ class RunConfig(Strict):
     device: str = "auto"
     prompt: str | None = None
     reference: bool = False
+    #: After the timed part, one extra recorded in-process prefill pair, attacked with the
+    #: public weights (tsqp_core.attack): ``attacks`` in results.json.
+    attack: bool = False
     seed: int = 0
     threads: Threads = Threads()
     server: Server = Server()

@@ -37,7 +37,7 @@ import torch
 
 from tsqp_core.graph import Dims, Op
 from tsqp_core.plugins import PluginError, PluginOptions
-from tsqp_core.protocol import CallWire
+from tsqp_core.protocol import CallWire, WireTensor
 from tsqp_core.protection.random import SecureRandom
 
 if TYPE_CHECKING:
@@ -183,6 +183,15 @@ class Protection(ABC):
         """The ``protection`` section of ``results.json``."""
         return {"scheme": self.name, "threat_model": self.threat_model,
                 "params": self.options.model_dump()}
+
+    # --- attacks (tsqp_core.attack) ------------------------------------------------------------
+
+    def blind(self, spec: WireTensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A wire tensor ``spec`` of concrete ``shape`` that carries no data: a fresh draw from
+        this scheme's own mask distribution (what crosses when the data is independent of the
+        prompt). Attacks run on such a *blind view* give the baseline a protected run must
+        match (:mod:`tsqp_core.attack`). Never drawn from the run's counted random source."""
+        raise NotImplementedError(f"protection {self.name} declares no blind view")
 
     # --- the GPU side -------------------------------------------------------------------------
 

@@ -40,5 +40,14 @@ def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
         add_ratios(result)
     else:
         result["reference"] = None
+    if cfg.attack:  # after the timed part: one recorded in-process prefill pair, attacked
+        from tsqp_core.attack.harness import attack_section
+
+        try:
+            section = attack_section(cfg)
+        except Exception as exc:  # the measured run stands; say why its attack pass did not
+            section = {"error": f"{type(exc).__name__}: {exc}"}
+        result["attacks"] = section
+        result["protection"]["attacks"] = section.get("attacks")
     write_results(outdir, result)
     return result

@@ -162,6 +162,10 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"reference ({ref['impl']}): max |dlogit| {ref['max_abs_logit_diff']:.3g}, "
                      f"tokens match: {ref['tokens_match']}, total {ref['latency_ms']['total']:.1f} ms"
                      + (f", split/monolithic {ratio:.2f}x" if ratio else ""))
+    if result.get("attacks"):
+        from tsqp_core.attack.harness import summary_line
+
+        lines.append(summary_line(result["attacks"]))
     bench = result.get("bench")
     if bench:
         for key, what in (("prefill_ms", "prefill"), ("decode_ms_per_token", "decode/token")):

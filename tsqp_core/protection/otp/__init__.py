@@ -354,6 +354,18 @@ class OtpProtection(Protection):
                       if c["plain_bytes"] else None},
         }
 
+    # --- attacks (tsqp_core.attack) ----------------------------------------------------------
+
+    def blind(self, spec: WireTensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """Fresh centred residues, uniform modulo each prime along dim 0: what a masked input
+        is whatever the data (from a CSPRNG of its own, not the run's counted one)."""
+        from tsqp_core.protection.random import SecureRandom
+        from tsqp_core.protection.otp.rns import centre
+
+        rng = SecureRandom()
+        return torch.stack([centre(rng.below(p, tuple(shape[1:])), p).to(torch.int8)
+                            for p in self.primes])
+
     # --- the GPU side -----------------------------------------------------------------------
 
     def gpu_backend(self, inner: "Backend", ckpt: "Checkpoint", kinds: frozenset[str],
