@@ -96,6 +96,11 @@ class PublicWeights:
     def __init__(self, ckpt: "Checkpoint") -> None:
         self._ckpt = ckpt
 
+    @property
+    def path(self) -> Any:
+        """The checkpoint directory (identifies the weights)."""
+        return self._ckpt.path
+
     def of(self, op: Op, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """The weights ``op`` multiplies, in :data:`~tsqp_core.models.source.OP_WEIGHTS`
         order (``qkv_proj``: Wq, Wk, Wv; ``gate_up_proj``: Wgate, Wup), each ``[out, in]``."""

@@ -60,7 +60,7 @@ from tsqp_core.protection.base import (CallSite, ForwardShape, IntegrityError, P
 from tsqp_core.protection.otp import freivalds
 from tsqp_core.protection.otp.fixed import dequantize, quantize, shrink_to_bound
 from tsqp_core.protection.otp.rns import Crt, modulus, primes
-from tsqp_core.protection.otp.weights import LINEAR_KINDS, QuantWeight, quantize_weight
+from tsqp_core.protection.otp.weights import LINEAR_KINDS, QuantWeight, quantized
 from tsqp_core.protocol import CallWire, WireTensor
 
 if TYPE_CHECKING:
@@ -198,8 +198,8 @@ class OtpProtection(Protection):
             (op,) = call.ops
             key = (op.layer, op.kind)
             if key not in self._weights:
-                w = torch.cat(ctx.weights.of(op, torch.float32))
-                self._weights[key] = quantize_weight(w, self.w_bits, self.primes, keep_int=True)
+                self._weights[key] = quantized(ctx.weights, op, self.w_bits, self.primes,
+                                               store=True)
         seal_dir = cache_root() / "pool" if self.options.seal else None  # type: ignore[attr-defined]
         self.pool = MaskPool(self._weights, self.primes, ctx.rng, self.options.gemm,  # type: ignore[attr-defined]
                              seal_dir)
