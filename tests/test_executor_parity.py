@@ -42,7 +42,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tsqp_core.app import CONF_DIR  # noqa: E402
 from tsqp_core.plugins import get_plugins  # noqa: E402
 
 EXECUTORS = get_plugins().executors.names()
@@ -68,16 +67,13 @@ def bf16_tol(eps: float) -> float:
 def compose(*overrides: str, device: str = "cpu"):
     """The validated config of ``run model=tiny transport=inproc OVERRIDES`` (GPU side on
     ``device``: the CPU unless a test asks for CUDA)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from tsqp_core.config import parse
+    from tsqp_core.configs import compose as hydra_compose
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=["model=tiny", "transport=inproc",
-                                                 "threads.tee=1", "threads.gpu=1", f"device={device}",
-                                                 *overrides])
+    cfg = hydra_compose(["model=tiny", "transport=inproc", "threads.tee=1", "threads.gpu=1",
+                         f"device={device}", *overrides])
     return parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 

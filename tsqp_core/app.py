@@ -6,7 +6,7 @@ import json
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from tsqp_core.configs import CONF_DIR
 
 #: Errors that are the user's to fix: printed as one clear message, exit code 2.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -47,6 +47,9 @@ def run_app(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
+    from tsqp_core.configs import install, normalize_overrides
+
+    install()
     status = {"code": 0}
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
@@ -67,7 +70,7 @@ def run_app(args: list[str]) -> int:
         print(summary(result))
 
     saved = sys.argv
-    sys.argv = ["python -m tsqp_core run", *launcher_defaults(args)]
+    sys.argv = ["python -m tsqp_core run", *launcher_defaults(normalize_overrides(args))]
     try:
         _run()
     finally:
@@ -87,10 +90,10 @@ def launcher_defaults(args: list[str]) -> list[str]:
 
 def serve_app(args: list[str]) -> int:
     """``serve``: compose the same config, then run only the GPU side, in this process."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from tsqp_core.config import parse
+    from tsqp_core.configs import compose
     from tsqp_core.launch import ServerSpec, build_server
     from tsqp_core.models.source import resolve
     from tsqp_core.gpu.server import serve_forever
@@ -100,8 +103,7 @@ def serve_app(args: list[str]) -> int:
     from tsqp_core.transport import TransportError
 
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=args)
+        cfg = compose(args)
         config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         import torch
 
@@ -125,11 +127,28 @@ def serve_app(args: list[str]) -> int:
 
 
 def list_plugins() -> int:
+    """``plugins``: every installed implementation, where it comes from, and its options with
+    their defaults (what ``GROUP=NAME`` starts from; ``GROUP.options.KEY=VALUE`` changes one)."""
     from tsqp_core.plugins import get_plugins
 
-    rows = [(e.family, e.name, e.package, e.version) for e in get_plugins().all_entries()]
-    widths = [max(len(r[i]) for r in rows + [("family", "name", "package", "version")])
-              for i in range(4)]
-    for row in [("family", "name", "package", "version"), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    plugins = get_plugins()
+    head = ("family", "name", "package", "version", "options (defaults)")
+    rows = [(e.family, e.name, e.package, e.version, _options_text(e))
+            for e in plugins.all_entries()]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for row in [head, *rows]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[4]]).rstrip())
+    for name, package, error in plugins.broken:
+        print(f"broken: {name} from {package}: {error}")
     return 0
+
+
+def _options_text(entry) -> str:
+    from tsqp_core.configs import effective_options
+
+    defaults = effective_options(entry.family, entry.name, entry.cls)
+    fields = [*entry.cls.Options.model_fields, *(k for k in defaults
+                                                  if k not in entry.cls.Options.model_fields)]
+    parts = [f"{k}={json.dumps(defaults[k], separators=(',', ':'))}" if k in defaults
+             else f"{k}=<required>" for k in fields]
+    return " ".join(parts) or "-"
