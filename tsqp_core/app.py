@@ -27,9 +27,18 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     return (RemoteError, TransportError, IntegrityError)
 
 
-#: Exit codes of ``run``: 0 done; 1 the run failed (GPU side gone, refused, timed out);
-#: 2 bad input (fix the command line); 3 the GPU side's reply failed an integrity check.
-EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 1, 2, 3
+#: Exit codes of ``run`` (README, "Exit codes"):
+#:
+#: * 0 -- done (with ``reference=true``: logits and greedy tokens agree with transformers);
+#: * 1 -- the run failed: GPU side gone, refused, timed out;
+#: * 2 -- bad input: fix the command line (nothing was started);
+#: * 3 -- a reply from the GPU side failed an integrity check: the run was aborted;
+#: * 4 -- the reference check failed: max |dlogit| beyond ``reference_tolerance`` for the
+#:   dtype, or other greedy tokens than transformers; results.json was written all the same.
+#:
+#: A sweep (``-m``) runs every job, writes its summary (failed jobs listed) and exits with
+#: its failed jobs' code when they agree, else 1.
+EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY, EXIT_REFERENCE = 1, 2, 3, 4
 
 
 def _exit_code(exc: BaseException) -> tuple[int, str]:
@@ -47,6 +56,7 @@ def run_app(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
+    from tsqp_core import callbacks
     from tsqp_core.configs import install, normalize_overrides
 
     install()
@@ -54,27 +64,47 @@ def run_app(args: list[str]) -> int:
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
-        from tsqp_core.config import parse
-        from tsqp_core.run import run, summary
+        """One job. In a sweep a failed job does not stop the others: it says why on stderr
+        and in ``failed.json`` in its directory, and the sweep summary lists it."""
+        import traceback
 
+        from tsqp_core.config import parse
+        from tsqp_core.report import write_failure
+        from tsqp_core.run import reference_failure, run, summary
+
+        outdir = Path(HydraConfig.get().runtime.output_dir)
+        multirun = HydraConfig.get().mode.name == "MULTIRUN"
         try:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-            result = run(config, Path(HydraConfig.get().runtime.output_dir))
+            result = run(config, outdir)
         except (*_user_errors(), *_runtime_errors()) as exc:
             code, what = _exit_code(exc)
-            print(f"tsqp: {what}: {exc}", file=sys.stderr)
-            status["code"] = code
-            if HydraConfig.get().mode.name == "MULTIRUN":
-                raise  # the sweep must see the job fail
-            return
-        print(summary(result))
+            message = f"{what}: {exc}"
+        except Exception as exc:  # a bug: a single run shows the traceback as it is
+            if not multirun:
+                raise
+            traceback.print_exc()
+            code, message = EXIT_FAILED, f"run failed: {type(exc).__name__}: {exc}"
+        else:
+            print(summary(result))
+            failure = reference_failure(result)
+            if failure is None:
+                return
+            code, message = EXIT_REFERENCE, f"{failure}; results in {outdir / 'results.json'}"
+        print(f"tsqp: {message}", file=sys.stderr)
+        status["code"] = code
+        if multirun:
+            write_failure(outdir, code, message)
 
     saved = sys.argv
     sys.argv = ["python -m tsqp_core run", *launcher_defaults(normalize_overrides(args))]
+    callbacks.last_sweep = None
     try:
         _run()
     finally:
         sys.argv = saved
+    if callbacks.last_sweep is not None:  # a sweep: its jobs may have run elsewhere
+        return callbacks.last_sweep.exit_code
     return status["code"]
 
 

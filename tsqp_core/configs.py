@@ -25,11 +25,22 @@ from typing import Any, Iterable, Iterator
 
 from hydra.core.config_search_path import ConfigSearchPath
 from hydra.plugins.search_path_plugin import SearchPathPlugin
+from omegaconf import OmegaConf
 
 from tsqp_core import PROJECT
 
 #: The core's config groups (``config.yaml`` and one directory per group).
 CONF_DIR = Path(__file__).resolve().parent / "conf"
+
+
+def _suffix(stage: str | None) -> str:
+    """``-stage3`` for a run composed from a stage preset, nothing otherwise (output dirs)."""
+    return f"-{stage}" if stage else ""
+
+
+# Registered on import: every process that composes or resolves tsqp's configuration (a
+# launcher's workers included: they unpickle the task function, which imports this) has it.
+OmegaConf.register_new_resolver("tsqp_suffix", _suffix, replace=True)
 
 #: Config groups that pick a plugin implementation by name.
 PLUGIN_GROUPS = ("transport", "executor", "partition", "protection", "tee_ops")
