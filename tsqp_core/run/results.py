@@ -1,4 +1,4 @@
-"""``results.json`` (the contract of DESIGN.md section 5) and the summary a run prints."""
+"""``results.json`` (the run contract: README, "results.json") and the summary a run prints."""
 
 from __future__ import annotations
 
