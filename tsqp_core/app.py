@@ -148,8 +148,9 @@ def serve_app(args: list[str]) -> int:
         return 2
 
     def ready(address: str) -> None:
-        print(f"tsqp serve: {config.model.name} ({config.dtype}, executor {config.executor.name}) "
-              f"on {server.device}, listening at {address}", flush=True)
+        print(f"tsqp serve: {config.model.path or config.model.name} ({config.dtype}, "
+              f"executor {config.executor.name}) on {server.device}, listening at {address}",
+              flush=True)
         print(json.dumps({"address": address}), flush=True)
 
     serve_forever(server, channel, ready)

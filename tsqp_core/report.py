@@ -20,7 +20,7 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 FILES = ("summary.csv", "summary.md", "breakdown.png")
 #: What a job that failed leaves in its directory (beside results.json if it got that far).
@@ -109,7 +109,8 @@ def collect_failures(root: Path) -> list[Failure]:
         elif (job / "results.json").is_file():
             continue
         else:
-            code, error = None, "no results.json: the job died before it finished (or is still running)"
+            code, error = None, ("no results.json: the job died before it finished "
+                                 "(or is still running)")
         out.append(Failure(job, code, error, _overrides(job)))
     return out
 
@@ -203,7 +204,8 @@ def failure_row(failure: Failure, root: Path, varying: list[str]) -> dict[str, A
     return out
 
 
-def rows(runs: list[Run], root: Path, failures: list[Failure] = ()) -> list[dict[str, Any]]:  # type: ignore[assignment]
+def rows(runs: list[Run], root: Path,
+         failures: Sequence[Failure] = ()) -> list[dict[str, Any]]:
     """One row per run, then one per failed job that left no result."""
     varying = _varying([*runs, *failures])
     with_results = {r.path for r in runs}
@@ -270,7 +272,7 @@ def _workload_text(r: dict[str, Any]) -> str:
     return f"prefill: {r['prompt_tokens']} tokens"
 
 
-def _failures_markdown(failures: list[Failure], root: Path) -> list[str]:
+def _failures_markdown(failures: Sequence[Failure], root: Path) -> list[str]:
     if not failures:
         return []
     lines = [f"## Failed jobs: {len(failures)}", "",
@@ -286,7 +288,7 @@ def _failures_markdown(failures: list[Failure], root: Path) -> list[str]:
 
 
 def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path,
-                failures: list[Failure] = ()) -> str:  # type: ignore[assignment]
+                failures: Sequence[Failure] = ()) -> str:
     table = [r for r in table if r["status"] in ("ok", "reference check failed")]
     lines = ["# tsqp sweep summary", ""]
     command = _command(root)
