@@ -99,12 +99,18 @@ def test_a_plugin_without_a_config_file_gets_one_from_its_option_defaults(monkey
         def tsqp_register_transports(self, register):
             register(Owl)
 
+    from hydra.core.config_store import ConfigStore
+
     owls = Plugins(make_plugin_manager(OwlPlugin()))
     monkeypatch.setattr(plugins_module, "get_plugins", lambda: owls)
     assert "owl" in group_options("transport")
-    for args in (("transport=owl",), ("stage=stage1", "transport.name=owl")):
-        cfg = compose(*args, "transport.options.hoots=5")
-        assert cfg.transport.model_dump() == {"name": "owl", "options": {"hoots": 5, "night": True}}
+    try:
+        for args in (("transport=owl",), ("stage=stage1", "transport.name=owl")):
+            cfg = compose(*args, "transport.options.hoots=5")
+            assert cfg.transport.model_dump() == {"name": "owl",
+                                                  "options": {"hoots": 5, "night": True}}
+    finally:  # the generated option lives in a process-wide store: leave no owl behind
+        ConfigStore.instance().repo["transport"].pop("owl.yaml", None)
 
 
 def test_a_name_that_is_no_option_here_is_left_to_validation():

@@ -12,8 +12,8 @@ from typing import Any
 import torch
 
 from tsqp_core.config import ConfigError, RunConfig, resolve_device
-from tsqp_core.ops import rope_parameters
 from tsqp_core.models.source import Checkpoint, ModelError, ModelSpec, fingerprint, resolve
+from tsqp_core.ops import rope_parameters
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.protocol import CallWire
 from tsqp_core.schedule import Schedule, build_schedule
@@ -96,7 +96,7 @@ def choose_tokenizer(spec: ModelSpec, model_dir: Path) -> tuple[Any, str]:
     if kind == "auto" or (kind == "hf" and spec.path is not None):
         files = tokenizer_files(model_dir)
         if not files:
-            return None, (f"no tokenizer in the directory (none of {', '.join(TOKENIZER_FILES)})")
+            return None, f"no tokenizer in the directory (none of {', '.join(TOKENIZER_FILES)})"
         kind, where = "hf", f"tokenizer from the directory ({', '.join(files)})"
     elif kind == "none":
         return None, "no tokenizer (model.tokenizer=none)"
