@@ -50,9 +50,16 @@ def author_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def wheels(tmp_path_factory) -> Path:
     """tsqp-core and the repository's plugins, built once per session."""
+    import shutil
+
+    # built from a copy: an in-tree build/ would keep files the sources no longer have
+    src = tmp_path_factory.mktemp("src") / "tsqp"
+    shutil.copytree(REPO, src, ignore=shutil.ignore_patterns(
+        ".venv", ".git", "build", "*.egg-info", "outputs", "multirun", "__pycache__",
+        ".pytest_cache"))
     out = tmp_path_factory.mktemp("wheels")
-    pip("wheel", "--no-deps", *BUILD, "-w", str(out), str(REPO),
-        *(str(p.parent) for p in sorted((REPO / "plugins").glob("*/pyproject.toml"))))
+    pip("wheel", "--no-deps", *BUILD, "-w", str(out), str(src),
+        *(str(p.parent) for p in sorted((src / "plugins").glob("*/pyproject.toml"))))
     return out
 
 
