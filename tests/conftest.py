@@ -14,21 +14,17 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from tsqp_core.app import CONF_DIR  # noqa: E402
-
 torch.set_num_threads(1)
 
 
 def compose(*overrides: str):
     """The validated RunConfig that ``python -m tsqp_core run OVERRIDES`` would use."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
     from tsqp_core.config import parse
+    from tsqp_core.configs import compose as hydra_compose
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=list(overrides))
+    cfg = hydra_compose(overrides)
     return parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 

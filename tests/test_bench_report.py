@@ -110,8 +110,9 @@ def test_report_from_results(run_tiny, tmp_path):
     job = tmp_path / "sweep" / "0-custom"
     job.mkdir(parents=True)
     (job / "results.json").write_text(json.dumps(res))
-    paths = report.write_report(tmp_path / "sweep")
-    assert [p.name for p in paths] == list(report.FILES)
+    written = report.write_report(tmp_path / "sweep")
+    paths = written.paths
+    assert [p.name for p in paths] == list(report.FILES) and written.failures == []
     (row,) = list(csv.DictReader(io.StringIO(paths[0].read_text())))
     assert row["job"] == "0-custom" and row["kind"] == "bench"
     assert float(row["split_over_monolithic"]) == pytest.approx(res["ratio"]["total"], rel=1e-3)

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tsqp_core {run,serve,bench,attack,plugins,report} ...``.
+"""Command line: ``python -m tsqp_core {run,serve,bench,attack,plugins,report,contract,new-plugin}``.
 
 ``run`` and ``serve`` take Hydra overrides (``transport=shm executor=fused``, ``-m`` for sweeps,
 ``--help`` for the config groups)."""
@@ -26,9 +26,16 @@ commands:
                       record a run's GPU side in process, attack it with the public
                       weights against a blind baseline, check the masks (exit 1 if a
                       check fails); --mutant runs a deliberately broken scheme
-  plugins             list installed plugins: name, family, package, version
+  plugins             list installed plugins: family, name, package, version, and
+                      their options with defaults
   report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
                       results.json files under it (a sweep writes them itself)
+  contract FAMILY NAME [PYTEST ARGS]
+                      run FAMILY's contract suite against the installed plugin NAME
+                      (needs pip install 'tsqp-core[test]')
+  new-plugin KIND NAME [--dir DIR]
+                      write a working plugin package to start from: entry point, config
+                      file, options model and its contract tests
 """
 
 #: ``bench`` subcommands: name -> module with ``main(argv) -> int``.
@@ -69,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         from tsqp_core.report import main as report_main
 
         return report_main(rest)
+    if command == "contract":
+        from tsqp_core.testing import main as contract_main
+
+        return contract_main(rest)
+    if command == "new-plugin":
+        from tsqp_core.template import main as template_main
+
+        return template_main(rest)
     if command == "_child":
         from tsqp_core.launch import child_main
 

@@ -1,4 +1,4 @@
-"""Where time and bytes go: the breakdown every run reports (DESIGN.md section 5).
+"""Where time and bytes go: the breakdown every run reports (README, "results.json").
 
 Categories are the seed's: ``serialize`` (codec work and message checks, both sides),
 ``transport`` (round trip minus everything the server reported doing), ``gpu_compute``

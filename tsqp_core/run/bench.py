@@ -78,7 +78,7 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
     meters: list[ForwardMeter] = []
     outputs: Any = None
     shapes = forward_shapes(p)
-    bar = _progress(w.warmup + w.repeats, f"{cfg.stage} {w.kind} split")
+    bar = _progress(w.warmup + w.repeats, f"{cfg.stage or 'run'} {w.kind} split")
     for i in range(w.warmup + w.repeats):
         t0 = now_ns()
         p.protection.precompute(shapes)
@@ -124,7 +124,7 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
         device = torch.device("cpu")
     ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel, device)
     totals, ttfts, tpots = [], [], []
-    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage} {w.kind} monolithic")
+    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage or 'run'} {w.kind} monolithic")
     gen = logits = None
     for i in range(w.warmup + w.repeats):
         if w.kind == "prefill":

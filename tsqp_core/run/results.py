@@ -1,8 +1,9 @@
-"""``results.json`` (the contract of DESIGN.md section 5) and the summary a run prints."""
+"""``results.json`` (the run contract: README, "results.json") and the summary a run prints."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -39,10 +40,12 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "config": {"stage": cfg.stage, "transport": cfg.transport.name,
                    "executor": cfg.executor.name, "partition": cfg.partition.name,
                    "protection": cfg.protection.name, "tee_ops": cfg.tee_ops.name,
-                   "model": cfg.model.name, "dtype": cfg.dtype,
+                   "model": cfg.model.path or cfg.model.name, "dtype": cfg.dtype,
                    "device": server.get("device", cfg.device),
                    "threads": cfg.threads.model_dump()},
         "server": server,
+        # the checkpoint every side read: where it is and a hash of its contents
+        "model": p.model_info,
         "workload": {"kind": w.kind, "batch": w.batch, "prompt_tokens": int(p.prompt.shape[1]),
                      "new_tokens": w.new_tokens if w.kind in ("generate", "bench") else 0,
                      "warmup": w.warmup, "repeats": w.repeats},
@@ -109,6 +112,38 @@ def add_ratios(result: dict[str, Any]) -> None:
     }
 
 
+def reference_tolerance(p: Prepared) -> float:
+    """The run's declared tolerance: ``reference_tolerance`` for its dtype, plus what the
+    protection scheme declares it may move the logits by."""
+    dtype = p.cfg.dtype
+    return (float(getattr(p.cfg.reference_tolerance, dtype))
+            + float(p.protection.tolerance.get(dtype, 0.0)))
+
+
+def check_reference(reference: dict[str, Any], tolerance: float) -> None:
+    """The reference gate: ``passed`` when max |Δlogit| is a number within ``tolerance`` and
+    the greedy tokens match (a NaN or an infinity never passes)."""
+    diff = reference["max_abs_logit_diff"]
+    within = isinstance(diff, (int, float)) and math.isfinite(diff) and diff <= tolerance
+    reference["tolerance"] = tolerance
+    reference["passed"] = bool(within and reference["tokens_match"] is True)
+
+
+def reference_failure(result: dict[str, Any]) -> str | None:
+    """One line saying why the reference check failed, or ``None`` when it passed (or did
+    not run)."""
+    ref = result.get("reference")
+    if not ref or ref.get("passed", True):
+        return None
+    why = []
+    diff, tol = ref["max_abs_logit_diff"], ref["tolerance"]
+    if not (isinstance(diff, (int, float)) and math.isfinite(diff) and diff <= tol):
+        why.append(f"max |dlogit| {diff:.3g} > {tol:.3g} ({result['config']['dtype']} tolerance)")
+    if ref["tokens_match"] is not True:
+        why.append("greedy tokens differ")
+    return "reference check failed: " + " and ".join(why) + " against " + ref["impl"]
+
+
 def write_results(outdir: Path, result: dict[str, Any]) -> Path:
     """Write ``results.json`` atomically: readers never see half a file."""
     outdir.mkdir(parents=True, exist_ok=True)
@@ -123,7 +158,8 @@ def summary(result: dict[str, Any]) -> str:
     c, w, r, lat = result["config"], result["workload"], result["rpc"], result["latency_ms"]
     server = result.get("server") or {}
     lines = [
-        f"tsqp {c['stage']}: transport={c['transport']} executor={c['executor']} "
+        (f"tsqp {c['stage']}: " if c.get("stage") else "tsqp: ")
+        + f"transport={c['transport']} executor={c['executor']} "
         f"partition={c['partition']} protection={c['protection']} model={c['model']} "
         f"dtype={c['dtype']} device={c['device']}"
         + (f" attention={server['attention']}" if server.get("attention") else ""),
@@ -161,7 +197,8 @@ def summary(result: dict[str, Any]) -> str:
         ratio = (result.get("ratio") or {}).get("total")
         lines.append(f"reference ({ref['impl']}): max |dlogit| {ref['max_abs_logit_diff']:.3g}, "
                      f"tokens match: {ref['tokens_match']}, total {ref['latency_ms']['total']:.1f} ms"
-                     + (f", split/monolithic {ratio:.2f}x" if ratio else ""))
+                     + (f", split/monolithic {ratio:.2f}x" if ratio else "")
+                     + ("" if ref.get("passed", True) else " -- FAILED"))
     if result.get("attacks"):
         from tsqp_core.attack.harness import summary_line
 

@@ -23,8 +23,8 @@ from pydantic import Field
 
 from tsqp_core import hookimpl
 from tsqp_core.plugins import PluginOptions
-from tsqp_core.transport import (ClientChannel, Frames, PeerDead, PeerTimeout, ServerChannel,
-                                 Transport, TransportError, Watchdog)
+from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, PeerDead, PeerTimeout,
+                                 ServerChannel, Transport, TransportError, Watchdog)
 
 POLL_S = 0.05
 
@@ -34,10 +34,20 @@ class TcpOptions(PluginOptions):
     bind: str = "tcp://127.0.0.1:0"
     #: Permit binding a non-loopback interface (only with a network you trust, or CurveZMQ).
     allow_remote: bool = False
-    #: ZeroMQ's per-frame limit on the server; bigger frames drop the connection.
+    #: The largest frame either side sends (MessageTooLarge before sending) or the server
+    #: accepts (ZeroMQ drops the connection of a peer that sends a bigger one).
     max_frame_bytes: int = Field(1 << 32, gt=0)
     #: pyzmq copies frames smaller than this rather than pinning them.
     copy_threshold: int = Field(1 << 16, ge=0)
+
+
+def _check_size(frames: Frames, limit: int) -> None:
+    """Too large is an error before anything is sent, never a dropped connection."""
+    for i, frame in enumerate(frames):
+        size = memoryview(frame).nbytes
+        if size > limit:
+            raise MessageTooLarge(f"frame {i} is {size} bytes; transport.options.max_frame_bytes "
+                                  f"is {limit}")
 
 
 def is_loopback(address: str) -> bool:
@@ -59,6 +69,7 @@ class TcpServer(ServerChannel):
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, options.max_frame_bytes)
+        self._limit = options.max_frame_bytes
         self._sock.copy_threshold = options.copy_threshold
         try:
             self._sock.bind(address)
@@ -80,6 +91,7 @@ class TcpServer(ServerChannel):
     def send(self, frames: Frames) -> None:
         if self._peer is None:
             raise TransportError("send() without a request to answer")
+        _check_size(frames, self._limit)  # the request stays answerable (a small error)
         self._sock.send_multipart([self._peer, *frames], copy=False)
         self._peer = None
 
@@ -109,6 +121,7 @@ class TcpClient(ClientChannel):
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
         if self._closed:
             raise TransportError("channel is closed")
+        _check_size(frames, self.options.max_frame_bytes)
         self._sock.send_multipart(list(frames), copy=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -137,6 +150,7 @@ class TcpClient(ClientChannel):
 class TcpTransport(Transport):
     name = "tcp"
     Options = TcpOptions
+    size_limit_option = "max_frame_bytes"
 
     def listen(self, address: str | None = None) -> TcpServer:
         opts: TcpOptions = self.options  # type: ignore[assignment]
