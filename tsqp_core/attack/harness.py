@@ -63,16 +63,12 @@ BLIND_DRAWS = 4
 
 def compose(*overrides: str) -> RunConfig:
     """The validated config ``python -m tsqp_core run OVERRIDES`` would use."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from omegaconf import OmegaConf
 
-    from tsqp_core.app import CONF_DIR
     from tsqp_core.config import parse
+    from tsqp_core.configs import compose as hydra_compose
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=list(overrides))
-    return parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
+    return parse(OmegaConf.to_container(hydra_compose(overrides), resolve=True))  # type: ignore[arg-type]
 
 
 def in_process(cfg: RunConfig) -> RunConfig:
