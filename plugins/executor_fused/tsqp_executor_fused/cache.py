@@ -11,6 +11,12 @@ Keys and values are counted apart (``length(layer, "k")`` / ``"v"``), as the ser
 each before it runs an op that appends to it. :meth:`append` is the
 :class:`tsqp_core.ops.KVCache` interface the reference attention ops use, so a call that the
 backend does not fuse (say ``attn_scores`` alone) still works on this cache.
+
+Compiled programs (:mod:`tsqp_executor_fused.compiled`) keep allocation and growth out of
+the compiled region: :meth:`reserve` makes room before the call and hands out the buffer, the
+program writes the new positions itself, and :meth:`commit` counts them afterwards. A cache
+made with ``zeroed=True`` fills new capacity with zeros, so that attention over the whole
+buffer under a position mask (static shapes, CUDA graphs) never multiplies stale memory.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import torch
 
 class PreallocatedKVCache:
     def __init__(self, *, kv_heads: int, head_dim: int, max_positions: int, dtype: torch.dtype,
-                 device: torch.device, seq_dim: int = 2, initial: int = 256) -> None:
+                 device: torch.device, seq_dim: int = 2, initial: int = 256,
+                 zeroed: bool = False) -> None:
         if seq_dim not in (1, 2):
             raise ValueError("seq_dim must be 1 (BSHD) or 2 (BHSD)")
         self.kv_heads = kv_heads
@@ -30,6 +37,7 @@ class PreallocatedKVCache:
         self.device = device
         self.seq_dim = seq_dim
         self.initial = initial
+        self.zeroed = zeroed
         self._buf: dict[str, dict[int, torch.Tensor]] = {"k": {}, "v": {}}
         self._len: dict[str, dict[int, int]] = {"k": {}, "v": {}}
 
@@ -58,7 +66,8 @@ class PreallocatedKVCache:
         cap = min(cap, self.max_positions)
         shape = ([batch, self.kv_heads, cap, self.head_dim] if self.seq_dim == 2
                  else [batch, cap, self.kv_heads, self.head_dim])
-        new = torch.empty(shape, dtype=self.dtype, device=self.device)
+        alloc = torch.zeros if self.zeroed else torch.empty
+        new = alloc(shape, dtype=self.dtype, device=self.device)
         if buf is not None:
             have = self._len[which][layer]
             new.narrow(self.seq_dim, 0, have).copy_(buf.narrow(self.seq_dim, 0, have))
@@ -80,3 +89,14 @@ class PreallocatedKVCache:
         """The reference-op interface: ``new`` and the result are ``[B, Hkv, S, d]``."""
         full = self.extend(which, layer, new.transpose(1, 2))
         return full if self.seq_dim == 2 else full.transpose(1, 2)
+
+    def reserve(self, which: str, layer: int, batch: int, tokens: int) -> tuple[torch.Tensor, int]:
+        """Room for ``tokens`` more positions of ``layer``: ``(buffer, past)``, the whole
+        buffer in the storage layout and the positions already in it. Nothing is counted
+        until :meth:`commit`."""
+        have = self._len[which].get(layer, 0)
+        return self._buffer(which, layer, batch, have + tokens), have
+
+    def commit(self, which: str, layer: int, tokens: int) -> None:
+        """Count ``tokens`` positions written after :meth:`reserve`."""
+        self._len[which][layer] = self._len[which].get(layer, 0) + tokens
