@@ -480,6 +480,25 @@ def test_compiled_static_decode_and_the_recompile_bound(prompts, hf):
 
 
 @needs_fused
+def test_compiled_stage3_run_reports_compile_time_apart(tmp_path):
+    """A compiled stage3 bench matches transformers, and results.json says what compiling
+    cost (at hello, not in the timed runs) and which variants the ratio compares."""
+    from tsqp_core.run import summary
+
+    res = run_tiny(tmp_path, "stage=stage3", COMPILE, "workload=bench",
+                   "workload.prompt_tokens=16", "workload.new_tokens=4", "workload.warmup=0",
+                   "workload.repeats=1", "reference_compile=false")
+    comp = res["server"]["compile"]
+    assert comp["plan"]["graphs"] == 4 and comp["plan"]["compile_ms"] > 0
+    assert comp["failed"] == [] and comp["fallbacks"] == 0
+    assert res["reference"]["tokens_match"] is True and res["reference"]["compiled"] is False
+    assert res["bench"]["compared"] == {"split": "compiled", "monolithic": "eager"}
+    text = summary(res)
+    assert "compile (not in the timed runs): gpu side 4 graphs in" in text
+    assert "bench compares: split compiled against monolithic eager" in text
+
+
+@needs_fused
 @pytest.mark.parametrize("options,match", [
     ({"compile": True, "attention": "flash"}, "does not compile"),
     ({"compile": True, "cuda_graphs": "on"}, "needs CUDA"),

@@ -73,6 +73,9 @@ class RunConfig(Strict):
     device: str = "auto"
     prompt: str | None = None
     reference: bool = False
+    #: Compile the monolithic reference (torch.compile, as the fused executor's ``compile``);
+    #: ``None``: exactly when the GPU side compiled the split run's programs.
+    reference_compile: bool | None = None
     seed: int = 0
     threads: Threads = Threads()
     server: Server = Server()
