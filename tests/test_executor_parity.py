@@ -460,6 +460,24 @@ def test_compiled_parity(stage, dtype, prompts, hf, oracle):
 
 
 @needs_fused
+@pytest.mark.parametrize("partition,eager", [("seed", ["attn_context", "attn_scores", "embed"]),
+                                             ("attn_mlp", ["embed"]), ("linears", [])])
+def test_compiled_partitions(partition, eager, prompts, oracle):
+    """Every partition compiles: programs cut around what must run eagerly (embed; attention
+    split across calls, which grows the cache itself), fp32 within 1e-4 of the oracle."""
+    with split_model("executor=fused", f"partition={partition}", COMPILE) as (model, server):
+        logits = prefill(model, prompts["prefill"][:1])
+        gen = greedy(model, prompts["generate"], 8)
+        report = compile_report(server)
+    assert report["failed"] == [] and report["eager_ops"] == eager
+    assert report["plan"]["graphs"] > 0 and report["first_use"]["graphs"] == 0
+    oracle_logits, oracle_gen = oracle(partition)
+    assert max_diff(logits, oracle_logits[:1]) <= FP32_TOL
+    assert gen.tokens[0] == oracle_gen.tokens[0][:8]
+    assert step_diff(gen.step_logits, oracle_gen.step_logits) <= FP32_TOL
+
+
+@needs_fused
 def test_compiled_static_decode_and_the_recompile_bound(prompts, hf):
     """Static decode shapes (the CUDA-graph path, here on the CPU): attention over the whole
     KV buffer under a position mask, one graph per cache capacity. With max_graphs=1 the
@@ -529,3 +547,22 @@ def test_cuda_compiled_parity(prompts, hf):
     assert max_diff(logits, ref["prefill"]) <= bf16_tol(hf["eps_prefill"])
     assert gen.tokens == ref["generate"].tokens
     assert step_diff(gen.step_logits, ref["generate"].step_logits) <= bf16_tol(hf["eps_generate"])
+
+
+@needs_fused
+@pytest.mark.slow
+def test_compiled_against_compiled_reference(tmp_path):
+    """By default a compiled split is compared with a compiled monolithic model (2 layers
+    here: transformers compiles every layer into its graph): timed compiled, checked against
+    eager transformers, and the summary says so."""
+    from tsqp_core.run import summary
+
+    res = run_tiny(tmp_path, "stage=stage3", COMPILE, "model.config.num_hidden_layers=2",
+                   "workload=bench", "workload.prompt_tokens=16", "workload.new_tokens=4",
+                   "workload.warmup=0", "workload.repeats=1")
+    ref = res["reference"]
+    assert ref["compiled"] is True and ref["compile_ms"] > 0 and "torch.compile" in ref["impl"]
+    assert "torch.compile" not in ref["checked_against"] and ref["tokens_match"] is True
+    assert res["bench"]["compared"] == {"split": "compiled", "monolithic": "compiled"}
+    text = summary(res)
+    assert "; monolithic " in text and "(against transformers" in text

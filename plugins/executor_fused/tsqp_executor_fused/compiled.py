@@ -54,8 +54,8 @@ import torch
 
 from tsqp_core import ops
 from tsqp_core.executor import GpuCall
-from tsqp_core.graph import INTEGER_VALUES, Op, expected_shape, value_kind, value_layer, \
-    value_template
+from tsqp_core.graph import (INTEGER_VALUES, Op, expected_shape, value_kind, value_layer,
+                             value_template)
 from tsqp_core.metrics import now_ns
 
 if TYPE_CHECKING:
@@ -271,7 +271,8 @@ class Segment:
                  slots: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
             env = dict(zip(inputs, args))
             cache = ReservedKV(layers, kv, slots if static else None)
-            ctx = ops.OpContext(dims, dict(zip(weights, w)), rope, eps, cache, last_only)  # type: ignore[arg-type]
+            ctx = ops.OpContext(dims, dict(zip(weights, w)), rope, eps,
+                                cache, last_only)  # type: ignore[arg-type]
             for step in steps:
                 step(ctx, env)
             return tuple(env[n] for n in outputs)
@@ -401,7 +402,7 @@ class Compiler:
                 self, len(self.segments), canon, tuple(canonical_name(n, base) for n in inputs),
                 key[1])
         dims = self.backend.dims
-        batch_src = next(n for n in inputs if value_template(n, dims)[0] == "B")
+        batch_src = next((n for n in inputs if value_template(n, dims)[0] == "B"), inputs[0])
         tokens_src = next((n, value_template(n, dims).index(s)) for n in inputs
                           for s in ("T", "L") if s in value_template(n, dims))
         step = SegmentStep(seg, tuple(inputs), tuple(outputs),
