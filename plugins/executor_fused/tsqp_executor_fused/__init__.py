@@ -54,6 +54,9 @@ class FusedOptions(PluginOptions):
     #: Graphs one shape bucket of a program may compile; a call that would need more runs
     #: that program eagerly and is counted (``server.compile.fallbacks``).
     max_graphs: int = Field(8, ge=1, le=64)
+    #: With static decode: KV buffers of finished generations kept for the next, per layer
+    #: and shape (a CUDA graph replays only over the buffers it was recorded with).
+    pool_per_shape: int = Field(4, ge=1)
 
 
 class FusedExecutor(Executor):

@@ -148,7 +148,7 @@ class FusedBackend(Backend):
                                    max_positions=d.max_positions, dtype=self.dtype,
                                    device=self.device, seq_dim=1 if self.flash else 2,
                                    initial=self.options.cache_positions,
-                                   zeroed=self.compiler is not None and self.compiler.static_decode)
+                                   pool=self.compiler.pool if self.compiler else None)
 
     def info(self) -> dict[str, Any]:
         info: dict[str, Any] = {"attention": self.attention}

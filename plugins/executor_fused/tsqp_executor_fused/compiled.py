@@ -34,9 +34,11 @@ attention ops split across calls grow the KV cache themselves). Each segment is 
   with inductor's CUDA graphs (``reduce-overhead``) over static shapes; weights, RoPE
   tables and KV buffers are marked static addresses (a replay copies only the token's
   inputs), and each call starts a new CUDA-graph step, its outputs cloned out of the
-  graph's pool. Graphs are recorded per layer (per set of weight addresses) and again for
-  each generation's cache buffers. Written for an H100/H200; not run on the CPU machines
-  this was built on.
+  graph's pool. Graphs are recorded per layer (per set of weight addresses) and per set of
+  KV buffers; the buffers are pooled (:class:`~tsqp_executor_fused.cache.BufferPool`), so
+  a new generation gets buffers an earlier one had and replays its graphs, and the number
+  of recordings stays bounded. Written for an H100/H200; not run on the CPU machines this
+  was built on.
 
 Numerics: ``emulate_precision_casts`` makes inductor round bf16 intermediates where eager
 torch does, so a compiled bf16 program rounds like the eager fused one (and transformers).
@@ -57,6 +59,8 @@ from tsqp_core.executor import GpuCall
 from tsqp_core.graph import (INTEGER_VALUES, Op, expected_shape, value_kind, value_layer,
                              value_template)
 from tsqp_core.metrics import now_ns
+
+from tsqp_executor_fused.cache import BufferPool
 
 if TYPE_CHECKING:
     from tsqp_executor_fused.backend import Built, FusedBackend, Step
@@ -366,6 +370,10 @@ class Compiler:
         dynamo = torch._dynamo.config
         dynamo.recompile_limit = max(dynamo.recompile_limit, self.max_graphs)
         self.positions = torch.arange(backend.dims.max_positions, device=backend.device)
+        #: Static decode reuses KV buffers across generations (stable addresses for CUDA
+        #: graphs, zeroed for masked attention); see cache.BufferPool.
+        self.pool = (BufferPool(backend.dtype, backend.device, options.pool_per_shape)
+                     if self.static_decode else None)
         self.segments: dict[tuple[tuple[Op, ...], tuple[str, ...]], Segment] = {}
         self.bound: dict[Segment, SegmentStep] = {}
         self.stats = Stats()
