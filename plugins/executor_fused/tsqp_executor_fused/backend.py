@@ -254,7 +254,14 @@ class FusedBackend(Backend):
             g, u = F.linear(env[src], ctx.weights[key]).split([inter, inter], dim=-1)
             env[out] = F.silu(g, inplace=True).mul_(u)  # g is this call's own: safe in place
 
-        return Built((gate_up, act), step, (src,), (out,), (key,))
+        def fresh(ctx: ops.OpContext, env: dict[str, torch.Tensor]) -> None:
+            g, u = F.linear(env[src], ctx.weights[key]).split([inter, inter], dim=-1)
+            env[out] = F.silu(g) * u  # compiled: one fused kernel into a contiguous buffer
+
+        # in place, the product is a strided view of the matmul's output; eager torch folds
+        # it into down_proj's matmul, inductor turns that matmul into a bmm with copies
+        return Built((gate_up, act), step if self.compiler is None else fresh, (src,), (out,),
+                     (key,))
 
     def _qkv_attention_step(self, qkv: Op, four: tuple[Op, ...]) -> Built:
         """qkv_proj + rope..attn_context of one layer: one matmul, then RoPE in place over
