@@ -91,6 +91,9 @@ class RunConfig(Strict):
     #: After the timed part, one extra recorded in-process prefill pair, attacked with the
     #: public weights (tsqp_core.attack): ``attacks`` in results.json.
     attack: bool = False
+    #: Compile the monolithic reference (torch.compile, as the fused executor's ``compile``);
+    #: ``None``: exactly when the GPU side compiled the split run's programs.
+    reference_compile: bool | None = None
     seed: int = 0
     threads: Threads = Threads()
     server: Server = Server()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal, Sequence
 
 import torch
 
@@ -47,6 +47,11 @@ class Backend(ABC):
             last_only: bool) -> None:
         """Run ``call.ops`` in order over ``env`` (the call's wire inputs in, its wire
         outputs added), using ``cache`` for this generation's keys and values."""
+
+    def prepare(self, calls: Sequence[GpuCall]) -> None:
+        """Called at ``hello`` with the agreed plan's calls, before :meth:`info` is read for
+        the reply: build (and compile) what runs them now, so that no timed call pays for it
+        and what it cost can be reported. Default: nothing."""
 
     def new_cache(self) -> Any:
         """A fresh per-generation cache."""

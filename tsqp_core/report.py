@@ -45,6 +45,7 @@ COLUMNS: dict[str, str] = {
     "decode_ms_per_token": ".3f", "monolithic_decode_ms_per_token": ".3f", "decode_ratio": ".3f",
     "prefill_us_per_call": ".1f", "decode_us_per_call": ".1f",
     "max_abs_logit_diff": ".3g", "tokens_match": "s", "status": "s", "error": "s",
+    "split_compiled": "s", "monolithic_compiled": "s", "gpu_compile_ms": ".1f",
 }
 
 
@@ -193,6 +194,11 @@ def row(run: Run, root: Path, varying: list[str]) -> dict[str, Any]:
         "tokens_match": ref.get("tokens_match"),
         "status": "ok" if ref.get("passed", True) else "reference check failed",
         "error": None,
+        # which variants were compared, and what compiling the split's programs cost at hello
+        "split_compiled": bool((r.get("server") or {}).get("compile")),
+        "monolithic_compiled": ref.get("compiled", False) if ref else None,
+        "gpu_compile_ms": (((r.get("server") or {}).get("compile") or {}).get("plan") or {})
+        .get("compile_ms"),
     }
     return out
 
@@ -240,6 +246,10 @@ def to_csv(table: list[dict[str, Any]]) -> str:
 
 def _md(value: Any, spec: str) -> str:
     return _fmt(value, spec) or "–"
+
+
+def _yes(flag: Any) -> str:
+    return "–" if flag is None else ("yes" if flag else "no")
 
 
 def _pair(split: Any, mono: Any, ratio: Any, spec: str = ".2f") -> str:
@@ -325,7 +335,7 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path,
     head = ["job", "stage", "transport", "executor", "dtype", "partition", "calls/fwd",
             "MB/fwd to / from GPU", "total", "serialize", "transport", "GPU compute",
             "TEE compute", "protect", "other", "monolithic", "split / mono", "prefill",
-            "decode per token", "µs/call", "max abs Δlogit"]
+            "decode per token", "µs/call", "compiled split / mono", "max abs Δlogit"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [
@@ -339,6 +349,7 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path,
             _pair(r["decode_ms_per_token"], r["monolithic_decode_ms_per_token"],
                   r["decode_ratio"]),
             f"{_md(r['prefill_us_per_call'], '.0f')} / {_md(r['decode_us_per_call'], '.0f')}",
+            f"{_yes(r['split_compiled'])} / {_yes(r['monolithic_compiled'])}",
             _md(r["max_abs_logit_diff"], ".2g"),
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")

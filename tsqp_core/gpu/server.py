@@ -157,6 +157,7 @@ class GpuServer:
         self._plans.move_to_end(plan_id)
         while len(self._plans) > MAX_PLANS:
             self._plans.popitem(last=False)
+        backend.prepare(calls)  # before info(): a compiling backend reports its compile time
         return HelloReply(plan_id, self.info(kinds, h.protection), self.dims.__dict__)
 
     def info(self, kinds: frozenset[str], protection: dict[str, Any]) -> dict[str, Any]:

@@ -109,6 +109,7 @@ def add_ratios(result: dict[str, Any]) -> None:
         "decode_steps": result["workload"]["new_tokens"],
         "threads": {"split_tee": threads["tee"], "split_gpu": threads["gpu"],
                     "monolithic": threads["tee"]},
+        "compared": compared(result),
     }
 
 
@@ -142,6 +143,37 @@ def reference_failure(result: dict[str, Any]) -> str | None:
     if ref["tokens_match"] is not True:
         why.append("greedy tokens differ")
     return "reference check failed: " + " and ".join(why) + " against " + ref["impl"]
+
+
+def compared(result: dict[str, Any]) -> dict[str, str]:
+    """Which variants the ratio compares: ``compiled`` or ``eager``, split and monolithic."""
+    split = bool((result.get("server") or {}).get("compile"))
+    mono = bool((result.get("reference") or {}).get("compiled"))
+    return {"split": "compiled" if split else "eager",
+            "monolithic": "compiled" if mono else "eager"}
+
+
+def compile_line(result: dict[str, Any]) -> str | None:
+    """What compiling cost, apart from the timed runs: the GPU side's programs (at hello)
+    and the monolithic reference (before its timer)."""
+    parts = []
+    comp = (result.get("server") or {}).get("compile")
+    if comp:
+        plan, first = comp["plan"], comp["first_use"]
+        parts.append(f"gpu side {plan['graphs']} graphs in {plan['compile_ms'] / 1e3:.1f} s at "
+                     f"hello ({comp['segments']} programs, max {comp['max_graphs']} graphs per "
+                     "shape bucket" + (", CUDA graphs for decode" if comp["cuda_graphs"] else "")
+                     + ")"
+                     + (f", {first['graphs']} more at first use ({first['compile_ms'] / 1e3:.1f} s)"
+                        if first["graphs"] else "")
+                     + (f", {comp['fallbacks']} calls past the bound ran eagerly"
+                        if comp["fallbacks"] else "")
+                     + (f", {len(comp['failed'])} programs did not compile (eager)"
+                        if comp["failed"] else ""))
+    ref = result.get("reference") or {}
+    if ref.get("compiled") and ref.get("compile_ms") is not None:
+        parts.append(f"monolithic {ref['compile_ms'] / 1e3:.1f} s (one untimed run)")
+    return "compile (not in the timed runs): " + "; ".join(parts) if parts else None
 
 
 def write_results(outdir: Path, result: dict[str, Any]) -> Path:
@@ -192,11 +224,18 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"integrity: {integrity['checks']} products checked "
                      f"({integrity['rows_checked']} rows), {integrity['failed']} failed, {how}"
                      + (f"; {unverified} calls not verifiable" if unverified else ""))
+    line = compile_line(result)
+    if line:
+        lines.append(line)
     ref = result.get("reference")
     if ref:
         ratio = (result.get("ratio") or {}).get("total")
+        checked = ref.get("checked_against")
         lines.append(f"reference ({ref['impl']}): max |dlogit| {ref['max_abs_logit_diff']:.3g}, "
-                     f"tokens match: {ref['tokens_match']}, total {ref['latency_ms']['total']:.1f} ms"
+                     f"tokens match: {ref['tokens_match']}"
+                     + (f" (against {checked}, untimed)" if checked and checked != ref["impl"]
+                        else "")
+                     + f", total {ref['latency_ms']['total']:.1f} ms"
                      + (f", split/monolithic {ratio:.2f}x" if ratio else "")
                      + ("" if ref.get("passed", True) else " -- FAILED"))
     if result.get("attacks"):
@@ -205,6 +244,9 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(summary_line(result["attacks"]))
     bench = result.get("bench")
     if bench:
+        how = bench.get("compared") or compared(result)
+        lines.append(f"bench compares: split {how['split']} against monolithic "
+                     f"{how['monolithic']}")
         for key, what in (("prefill_ms", "prefill"), ("decode_ms_per_token", "decode/token")):
             b = bench[key]
             if b["split"] is not None and b["monolithic"] is not None:

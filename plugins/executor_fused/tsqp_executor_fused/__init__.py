@@ -12,6 +12,9 @@ The backend (GPU side, :mod:`tsqp_executor_fused.backend`, imported only by
   installed) or ``torch.nn.functional.scaled_dot_product_attention`` (causal, grouped-query
   without repeating K/V) whenever the call holds rope..attn_context of a layer,
 * a preallocated per-generation KV cache (:mod:`tsqp_executor_fused.cache`),
+* with ``compile=true``, each call's program compiled by ``torch.compile`` (inductor; CUDA
+  graphs for decode on CUDA) at ``hello``, once per plan and shape bucket
+  (:mod:`tsqp_executor_fused.compiled`),
 
 and falls back to the reference ops of :mod:`tsqp_core.ops` for every op it does not fuse, so
 any partition is correct with it.
@@ -37,6 +40,23 @@ class FusedOptions(PluginOptions):
     #: Positions each layer's KV cache holds at first; it doubles when full, up to the
     #: model's context.
     cache_positions: int = Field(256, ge=1)
+    #: Compile each call's program with ``torch.compile`` (inductor) at ``hello``, once per
+    #: plan and shape bucket; the compile time is reported apart (``server.compile``).
+    #: Attention is torch SDPA then (``auto`` never picks flash-attn).
+    compile: bool = False
+    #: Decode (one new token) with CUDA graphs (inductor's ``reduce-overhead``): ``auto`` on
+    #: CUDA when compiling. Implies static decode shapes.
+    cuda_graphs: Literal["auto", "on", "off"] = "auto"
+    #: Decode over the whole KV buffer under a position mask, so every step of a cache
+    #: capacity has the same shapes (what CUDA graphs need): ``auto`` when CUDA graphs are
+    #: used; ``on`` elsewhere too (the CPU tests run it so).
+    static_decode: Literal["auto", "on", "off"] = "auto"
+    #: Graphs one shape bucket of a program may compile; a call that would need more runs
+    #: that program eagerly and is counted (``server.compile.fallbacks``).
+    max_graphs: int = Field(8, ge=1, le=64)
+    #: With static decode: KV buffers of finished generations kept for the next, per layer
+    #: and shape (a CUDA graph replays only over the buffers it was recorded with).
+    pool_per_shape: int = Field(4, ge=1)
 
 
 class FusedExecutor(Executor):
