@@ -93,7 +93,8 @@ def split_model(*overrides: str, device: str = "cpu") -> Iterator[tuple[Any, Any
     (through :func:`tsqp_core.run.connect`, the wiring the run itself uses)."""
     from tsqp_core.run import connect, prepare
 
-    with connect(prepare(compose(*overrides, device=device))) as conn:
+    p = prepare(compose(*overrides, device=device))
+    with connect(p, batch=4, positions=p.ckpt.dims.max_positions) as conn:
         yield conn.model, conn.local_server
 
 
@@ -185,7 +186,7 @@ def test_fp32_parity(executor, partition, prompts, hf, oracle):
                      "dtype=float32") as (model, server):
         logits = prefill(model, prompts["prefill"])
         gen = greedy(model, prompts["generate"])
-        assert not server._sessions, "each generation's GPU-side cache is freed at its end"
+        assert not server.live_sessions(), "each generation's GPU-side cache is freed at its end"
     ref = hf["fp32"]
     assert max_diff(logits, ref["prefill"]) <= FP32_TOL
     assert torch.equal(logits.argmax(-1), ref["prefill"].argmax(-1))
@@ -204,7 +205,7 @@ def test_bf16_parity(executor, partition, prompts, hf):
                      "dtype=bfloat16") as (model, server):
         logits = prefill(model, prompts["prefill"])
         gen = greedy(model, prompts["generate"])
-        assert not server._sessions
+        assert not server.live_sessions()
     assert logits.dtype == torch.bfloat16
     # within 2 eps (capped) of the fp32 truth and of transformers bf16 (see the module docstring)
     for ref in (hf["fp32"], hf["sdpa"], hf["eager"]):
@@ -332,11 +333,11 @@ def test_kv_cache_lives_per_generation():
         session = Session()
         model.forward(torch.arange(10)[None], session, Meter(), last_only=True)
         model.forward(torch.tensor([[3]]), session, Meter(), last_only=True)
-        (cache,) = server._sessions.values()
+        (cache,) = server.live_sessions().values()
         assert cache.length(0, "k") == cache.length(15, "v") == 11
         assert cache.nbytes() > 0
         model.end(session)
-        assert not server._sessions
+        assert not server.live_sessions()
 
 
 @needs_fused
@@ -385,7 +386,7 @@ def test_cuda_parity(dtype, prompts, hf):
                      device="cuda") as (model, server):
         logits = prefill(model, prompts["prefill"])
         gen = greedy(model, prompts["generate"])
-        assert not server._sessions
+        assert not server.live_sessions()
     tol = FP32_TOL if dtype == "float32" else bf16_tol(hf["eps_prefill"])
     assert max_diff(logits, ref["prefill"]) <= tol
     assert gen.tokens == ref["generate"].tokens

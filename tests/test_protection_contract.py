@@ -44,7 +44,7 @@ def recorded_run(protection: str, partition: str, executor: str, forwards: int =
     """``forwards`` prefills of :data:`IDS` (each its own session), and the GPU side's view."""
     p = prepare(compose(*overrides(protection, partition, executor)))
     view = ViewRecorder()
-    with connect(p, observers=[view]) as conn:
+    with connect(p, observers=[view], batch=IDS.shape[0], positions=IDS.shape[1]) as conn:
         logits = [prefill(conn.model, IDS, Meter()) for _ in range(forwards)]
     return p, logits, view
 

@@ -8,6 +8,7 @@ and is reported as ``offline``.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -110,6 +111,15 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
     return Measured(totals, ttfts, tpots, offline, mid, meters[mid], outputs)
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, where any NaN or Inf on either side counts as an infinite difference
+    (``max`` and ``torch.max`` would let a NaN compare as equal or propagate silently)."""
+    a, b = a.float(), b.float()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return math.inf
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
 def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]:
     """Run transformers on the same weights, dtype and threads; compare and time it."""
     from tsqp_core.reference import Reference, attention_kernel
@@ -142,7 +152,7 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
     bar.close()
     if w.kind == "prefill":
         assert logits is not None
-        diff = (outputs.float() - logits.float()).abs().max().item()
+        diff = max_abs_diff(outputs, logits)
         tokens_match = bool(torch.equal(outputs.argmax(-1), logits.argmax(-1)))
     else:
         assert gen is not None
@@ -150,12 +160,17 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
         diff = 0.0
         for a, b, ref_tokens, tokens in zip(outputs.step_logits, gen.step_logits,
                                             zip(*gen.tokens), zip(*outputs.tokens)):
-            diff = max(diff, (a.float() - b.float()).abs().max().item())
+            diff = max(diff, max_abs_diff(a, b))  # never max(x, nan): nan is inf here
             if ref_tokens != tokens:  # inputs differ from here on
                 break
+    finite = math.isfinite(diff)
+    tokens_match = tokens_match and finite  # a non-finite logit is never a match
     return {"impl": f"transformers {ref.version} ({ref.attention} attention, {ref.device})",
             "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
                            "tpot": (median(tpots) / 1e6) if tpots else None,
                            "repeats_total": [t / 1e6 for t in totals]},
-            "max_abs_logit_diff": diff, "tokens_match": tokens_match,
+            # JSON has no NaN or Infinity: a non-finite difference is null, and says why
+            "max_abs_logit_diff": diff if finite else None,
+            **({} if finite else {"mismatch": "non-finite logits (NaN or Inf) on one side"}),
+            "tokens_match": tokens_match,
             "reference_tokens": gen.tokens if gen is not None else None}

@@ -40,6 +40,13 @@ class Prepared:
     prompt: torch.Tensor
     tokenizer: Any
 
+    @property
+    def positions(self) -> int:
+        """The most positions any forward of the workload attends over."""
+        w = self.cfg.workload
+        return int(self.prompt.shape[1]) + (w.new_tokens if w.kind in ("generate", "bench")
+                                             else 0)
+
 
 def prepare(cfg: RunConfig) -> Prepared:
     """All validation that needs no GPU side."""

@@ -136,7 +136,9 @@ def summary(result: dict[str, Any]) -> str:
     ref = result.get("reference")
     if ref:
         ratio = (result.get("ratio") or {}).get("total")
-        lines.append(f"reference ({ref['impl']}): max |dlogit| {ref['max_abs_logit_diff']:.3g}, "
+        diff = ref["max_abs_logit_diff"]
+        diff_text = f"{diff:.3g}" if diff is not None else f"n/a ({ref.get('mismatch')})"
+        lines.append(f"reference ({ref['impl']}): max |dlogit| {diff_text}, "
                      f"tokens match: {ref['tokens_match']}, total {ref['latency_ms']['total']:.1f} ms"
                      + (f", split/monolithic {ratio:.2f}x" if ratio else ""))
     bench = result.get("bench")
