@@ -22,6 +22,8 @@ commands:
   serve [OVERRIDES]   run the GPU side alone (binds loopback unless transport.options
                       says otherwise); point a run at it with server.address=ADDRESS
   bench WHAT [ARGS]   benchmarks; WHAT is one of: transport (bench WHAT --help)
+  keys DIR            make CurveZMQ key files for transport=tcp (server, client,
+                      authorized/): then transport.options.curve=DIR on both hosts
   plugins             list installed plugins: name, family, package, version
   report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
                       results.json files under it (a sweep writes them itself)
@@ -32,7 +34,15 @@ BENCHES = {"transport": "tsqp_core.bench_transport"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; Ctrl-C anywhere ends it with one line and exit code 130."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt:
+        print("tsqp: interrupted", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -53,6 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         import importlib
 
         return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
+    if command == "keys":
+        try:
+            from tsqp_transport_tcp.curve import main as keys_main
+        except ImportError:
+            print("tsqp: error: keys needs the tcp transport (pip install -e plugins/"
+                  "transport_tcp)", file=sys.stderr)
+            return 2
+        return keys_main(rest)
     if command == "plugins":
         from tsqp_core.app import list_plugins
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -28,8 +29,24 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
 
 
 #: Exit codes of ``run``: 0 done; 1 the run failed (GPU side gone, refused, timed out);
-#: 2 bad input (fix the command line); 3 the GPU side's reply failed an integrity check.
-EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY = 1, 2, 3
+#: 2 bad input (fix the command line); 3 the GPU side's reply failed an integrity check;
+#: 130 interrupted (Ctrl-C), after the GPU side it started has been stopped.
+EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY, EXIT_INTERRUPTED = 1, 2, 3, 130
+INTERRUPTED = "tsqp: interrupted"
+
+
+def check_args(args: list[str], prog: str) -> str | None:
+    """A reason to refuse the command line before Hydra parses it: an argument that is not
+    valid UTF-8 (the shell handed us bytes; Python keeps them as surrogates)."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = arg[exc.start].encode("utf-8", "surrogateescape")
+            key = arg.split("=", 1)[0] if "=" in arg else f"argument {args.index(arg) + 1}"
+            return (f"{prog}: error: {key}: not valid UTF-8 (byte 0x{bad.hex()} at character "
+                    f"{exc.start}); pass text in UTF-8")
+    return None
 
 
 def _exit_code(exc: BaseException) -> tuple[int, str]:
@@ -57,6 +74,13 @@ def run_app(args: list[str]) -> int:
         try:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             result = run(config, Path(HydraConfig.get().runtime.output_dir))
+        except KeyboardInterrupt:
+            # the GPU side was stopped on the way out (connect's context managers)
+            if HydraConfig.get().mode.name == "MULTIRUN":
+                raise  # the sweep ends; main() prints the one line
+            print(INTERRUPTED, file=sys.stderr)
+            status["code"] = EXIT_INTERRUPTED
+            return
         except (*_user_errors(), *_runtime_errors()) as exc:
             code, what = _exit_code(exc)
             print(f"tsqp: {what}: {exc}", file=sys.stderr)
@@ -66,6 +90,10 @@ def run_app(args: list[str]) -> int:
             return
         print(summary(result))
 
+    refused = check_args(args, "tsqp")
+    if refused:
+        print(refused, file=sys.stderr)
+        return EXIT_USAGE
     saved = sys.argv
     sys.argv = ["python -m tsqp_core run", *launcher_defaults(args)]
     try:
@@ -99,12 +127,22 @@ def serve_app(args: list[str]) -> int:
 
     from tsqp_core.transport import TransportError
 
+    refused = check_args(args, "tsqp serve")
+    if refused:
+        print(refused, file=sys.stderr)
+        return EXIT_USAGE
     try:
         with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
             cfg = compose("config", overrides=args)
         config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         import torch
 
+        from tsqp_core.plugins import get_plugins
+
+        if get_plugins().transports.get(config.transport.name).in_process:
+            raise TransportError(f"transport {config.transport.name} serves only clients in "
+                                 "its own process: nobody could reach this server; use tcp "
+                                 "or shm")
         torch.set_num_threads(config.threads.gpu)
         spec = ServerSpec(transport=config.transport.model_dump(), address=config.server.address,
                           model_dir=str(resolve(config.model)), executor=config.executor.model_dump(),
@@ -121,7 +159,10 @@ def serve_app(args: list[str]) -> int:
               f"on {server.device}, listening at {address}", flush=True)
         print(json.dumps({"address": address}), flush=True)
 
-    serve_forever(server, channel, ready)
+    signum = serve_forever(server, channel, ready)
+    if signum == signal.SIGINT:
+        print("tsqp serve: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -109,6 +109,10 @@ class InprocTransport(Transport):
             server = _servers[address] = InprocServer(address)
         return server
 
+    def check_address(self, address: str) -> None:
+        if not address.startswith("inproc://"):
+            raise TransportError(f"inproc cannot reach {address!r}: use inproc://NAME")
+
     def connect(self, address: str, watchdog: Watchdog | None = None) -> InprocClient:
         with _lock:
             server = _servers.get(address)

@@ -142,3 +142,7 @@ class Transport(ABC):
     @abstractmethod
     def connect(self, address: str, watchdog: Watchdog | None = None) -> ClientChannel:
         """Connect to a server; ``watchdog`` lets blocking waits notice a dead peer early."""
+
+    def check_address(self, address: str) -> None:
+        """Raise :class:`TransportError` if a client could never reach ``address`` (wrong
+        scheme, a port out of range): called before anything starts."""

@@ -399,13 +399,17 @@ def send_reply(channel: ServerChannel, reply: list[Any]) -> None:
         channel.send(protocol.encode_error(_peek_id(reply), f"reply not sent: {exc}"))
 
 
-def serve_forever(server: GpuServer, channel: ServerChannel, on_ready: Callable[[str], None]) -> None:
-    """Serve until SIGTERM/SIGINT; the channel is closed in exactly this one place."""
+def serve_forever(server: GpuServer, channel: ServerChannel,
+                  on_ready: Callable[[str], None]) -> int | None:
+    """Serve until SIGTERM/SIGINT (returns which); the channel is closed in exactly this one
+    place."""
     import signal
 
     stop = threading.Event()
+    got: list[int] = []
 
     def _stop(signum: int, frame: Any) -> None:
+        got.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
@@ -415,3 +419,4 @@ def serve_forever(server: GpuServer, channel: ServerChannel, on_ready: Callable[
         server.serve(channel, stop)
     finally:
         channel.close()
+    return got[0] if got else None

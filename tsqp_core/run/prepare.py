@@ -14,6 +14,7 @@ from tsqp_core.models.source import Checkpoint, fingerprint, resolve
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.protocol import CallWire
 from tsqp_core.schedule import Schedule, build_schedule
+from tsqp_core.transport import TransportError
 
 
 class InputError(ValueError):
@@ -66,6 +67,11 @@ def prepare(cfg: RunConfig) -> Prepared:
                               f"{exc.errors()[0]['msg']}") from None
     if cfg.server.address is None:  # a server we start here must find its device here
         resolve_device(cfg.device)
+    else:
+        try:
+            objs["transport"].check_address(cfg.server.address)
+        except TransportError as exc:
+            raise ConfigError(f"server.address: {exc}") from None
     model_dir = resolve(cfg.model)
     ckpt = Checkpoint(model_dir)
     schedule = build_schedule(ckpt.dims.layers, objs["partition"].gpu_ops(), grouping)
@@ -114,6 +120,11 @@ def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> torch.Tenso
         ids = tokenizer.encode(cfg.prompt)
         if not ids:
             raise InputError("the prompt encodes to no tokens")
+        bad = sorted({i for i in ids if not 0 <= i < ckpt.dims.vocab})
+        if bad:
+            raise InputError(f"the tokenizer gives token ids {bad[:5]} outside the model's "
+                             f"vocabulary of {ckpt.dims.vocab}: tokenizer and model do not "
+                             "match")
         prompt = torch.tensor([ids] * w.batch, dtype=torch.int64)
     else:
         gen = torch.Generator().manual_seed(cfg.seed)

@@ -890,6 +890,9 @@ class ShmTransport(Transport):
         _sweep_stale()
         return ShmServer(name, self.options)  # type: ignore[arg-type]
 
+    def check_address(self, address: str) -> None:
+        _parse(address)
+
     def connect(self, address: str, watchdog: Watchdog | None = None) -> ShmClient:
         return ShmClient(address, self.options, watchdog)  # type: ignore[arg-type]
 

@@ -319,6 +319,9 @@ class TcpTransport(Transport):
                       flush=True)
         return TcpServer(zmq.Context(), address, opts, keys)  # type: ignore[arg-type]
 
+    def check_address(self, address: str) -> None:
+        check_address(address, server=False)
+
     def connect(self, address: str, watchdog: Watchdog | None = None) -> TcpClient:
         check_address(address, server=False)
         return TcpClient(address, self.options, watchdog,  # type: ignore[arg-type]
