@@ -212,6 +212,11 @@ _EVENTS = {
 }
 
 
+_FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
+             zmq.EVENT_HANDSHAKE_FAILED_AUTH)
+_FAILURE_NAMES = {_EVENTS[e] for e in _FAILURES}
+
+
 class TcpClient(ClientChannel):
     def __init__(self, address: str, options: TcpOptions, watchdog: Watchdog | None,
                  keys: curve.ClientKeys | None) -> None:
@@ -247,7 +252,10 @@ class TcpClient(ClientChannel):
             except zmq.ZMQError:
                 return
             name = _EVENTS.get(event["event"])
-            if name is not None:
+            if name is None:
+                continue
+            # a handshake failure says more than the disconnect and retry that follow it
+            if event["event"] in _FAILURES or self._last_event not in _FAILURE_NAMES:
                 self._last_event = name
 
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
@@ -335,6 +343,9 @@ class TcpTransport(Transport):
             return kind.load(directory)
         except curve.KeyError_ as exc:
             raise TransportError(f"transport.options.curve: {exc}") from None
+        except OSError as exc:
+            raise TransportError(f"transport.options.curve: {exc.filename}: "
+                                 f"{exc.strerror}") from None
 
 
 @hookimpl

@@ -51,7 +51,11 @@ def _secret(path: Path) -> tuple[bytes, bytes]:
                         f"{path.parent})")
     if stat.S_IMODE(path.stat().st_mode) & 0o077:
         raise KeyError_(f"secret key file {path} is readable by others: chmod 600 it")
-    public, secret = zmq.auth.load_certificate(str(path))
+    try:
+        public, secret = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise KeyError_(f"cannot read secret key file {path}: "
+                        f"{getattr(exc, 'strerror', None) or 'not a key file'}") from None
     if secret is None:
         raise KeyError_(f"{path} holds no secret key")
     return public, secret
@@ -60,7 +64,11 @@ def _secret(path: Path) -> tuple[bytes, bytes]:
 def _public(path: Path) -> bytes:
     if not path.is_file():
         raise KeyError_(f"no public key file {path}")
-    public, _ = zmq.auth.load_certificate(str(path))
+    try:
+        public, _ = zmq.auth.load_certificate(str(path))
+    except (OSError, ValueError) as exc:
+        raise KeyError_(f"cannot read public key file {path}: "
+                        f"{getattr(exc, 'strerror', None) or 'not a key file'}") from None
     return public
 
 
