@@ -24,6 +24,10 @@ commands:
   bench WHAT [ARGS]   benchmarks; WHAT is one of: transport (bench WHAT --help)
   keys DIR            make CurveZMQ key files for transport=tcp (server, client,
                       authorized/): then transport.options.curve=DIR on both hosts
+  fuzz [ARGS]         a structure-aware, seeded fuzz campaign against the GPU side:
+                      messages sent, crashes, hangs, memory growth (fuzz --help)
+  soak [ARGS]         100,000+ calls through each transport: memory and file
+                      descriptors of both sides (soak --help)
   plugins             list installed plugins: name, family, package, version
   report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
                       results.json files under it (a sweep writes them itself)
@@ -31,6 +35,8 @@ commands:
 
 #: ``bench`` subcommands: name -> module with ``main(argv) -> int``.
 BENCHES = {"transport": "tsqp_core.bench_transport"}
+#: Commands that are a module with ``main(argv) -> int``.
+TOOLS = {"fuzz": "tsqp_core.fuzz", "soak": "tsqp_core.soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,6 +77,10 @@ def _main(argv: list[str]) -> int:
                   "transport_tcp)", file=sys.stderr)
             return 2
         return keys_main(rest)
+    if command in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[command]).main(rest)
     if command == "plugins":
         from tsqp_core.app import list_plugins
 

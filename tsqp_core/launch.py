@@ -112,6 +112,8 @@ class GpuSide:
     address: str
     watchdog: Watchdog | None
     server: Any = None
+    #: The GPU side's process id: this one for ``inproc``, the child's, or None (external).
+    pid: int | None = None
 
 
 @contextlib.contextmanager
@@ -129,7 +131,8 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
         thread.start()
         try:
             yield GpuSide(channel.address,
-                          lambda: None if thread.is_alive() else "GPU-side thread ended", server)
+                          lambda: None if thread.is_alive() else "GPU-side thread ended", server,
+                          os.getpid())
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -138,8 +141,8 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                OMP_NUM_THREADS=str(spec.threads))
     with spawn_ready([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()], env,
-                     startup_timeout, "GPU server") as (address, watchdog, _):
-        yield GpuSide(address, watchdog)
+                     startup_timeout, "GPU server") as (address, watchdog, proc):
+        yield GpuSide(address, watchdog, pid=proc.pid)
 
 
 @contextlib.contextmanager

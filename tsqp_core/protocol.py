@@ -99,11 +99,11 @@ class WireTensor(NamedTuple):
         name, dtype, shape = x
         if not (isinstance(name, str) and 0 < len(name) <= 64):
             raise ProtocolError(f"bad wire tensor name {name!r:.80}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"wire tensor '{name}': unsupported dtype {dtype!r:.40}")
         if not (isinstance(shape, list) and len(shape) <= codec.MAX_DIMS and all(
                 (isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40)
-                or d in SYMBOLS for d in shape)):
+                or (isinstance(d, str) and d in SYMBOLS) for d in shape)):
             raise ProtocolError(f"wire tensor '{name}': bad shape template {shape!r:.80}")
         return cls(name, dtype, tuple(shape))
 
@@ -442,7 +442,8 @@ def decode_request(frames: Sequence[Any]) -> Request:
     rid = request_id(msg.header)
     if rid is None:
         raise ProtocolError("request 'id' must be an integer")
-    kind = REQUESTS.get(msg.header.get(METHOD))  # type: ignore[arg-type]
+    method = msg.header.get(METHOD)
+    kind = REQUESTS.get(method) if isinstance(method, str) else None
     if kind is None:
         raise ProtocolError(f"unknown method {msg.header.get(METHOD)!r:.40}")
     return Request(rid, kind.parse(msg.header), msg.tensors)

@@ -30,6 +30,11 @@ class Connected:
     hello: HelloReply
     #: The server object when it runs in this process (``transport=inproc``), else None.
     local_server: Any
+    #: The GPU side's process id (this process for inproc; None for server.address).
+    server_pid: int | None = None
+    #: Where the GPU side listens, and how to tell it died (for a second connection).
+    address: str = ""
+    watchdog: Any = None
 
 
 def server_spec(p: Prepared) -> ServerSpec:
@@ -86,7 +91,7 @@ def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = (),
                                tee_impls=p.tee_ops.implementations(), remote=remote,
                                protection=p.protection,
                                check=ValueCheck(cfg.torch_dtype, cfg.server.max_abs_value))
-            yield Connected(model, hello, side.server)
+            yield Connected(model, hello, side.server, side.pid, side.address, side.watchdog)
         finally:
             p.protection.close()
             channel.close()

@@ -261,6 +261,8 @@ class TcpClient(ClientChannel):
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
         if self._closed:
             raise TransportError("channel is closed")
+        if not frames:
+            raise TransportError("a message needs at least one frame")
         self._sock.send_multipart(list(frames), copy=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
