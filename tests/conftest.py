@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -17,6 +18,34 @@ import torch  # noqa: E402
 from tsqp_core.app import CONF_DIR  # noqa: E402
 
 torch.set_num_threads(1)
+
+
+_SHM_NAME = re.compile(r"(?:sem\.)?tsqp-(\d+)-")
+
+
+def shm_names() -> set[str]:
+    """tsqp's names in /dev/shm, except those of *another live* process: a server elsewhere
+    on this machine (another test run) names semaphores for the millisecond of each
+    handshake. A name whose process is dead, or is this one, always counts."""
+    try:
+        entries = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return set()
+    out = set()
+    for name in entries:
+        if not name.startswith(("tsqp", "sem.tsqp")):
+            continue
+        m = _SHM_NAME.match(name)
+        if m and int(m.group(1)) != os.getpid():
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # alive, and not us
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        out.add(name)
+    return out
 
 
 def compose(*overrides: str):

@@ -27,16 +27,14 @@ from tsqp_core.plugins import get_plugins
 from tsqp_core.transport import (ClientChannel, PeerDead, PeerTimeout, Transport,
                                  TransportError)
 
+from conftest import shm_names
+
 NAMES = get_plugins().transports.names()
-SHM_DIR = "/dev/shm"
 
 
 def _ours() -> set[str]:
-    """What tsqp transports have named in /dev/shm (segments and semaphores)."""
-    try:
-        return {n for n in os.listdir(SHM_DIR) if n.startswith(("tsqp", "sem.tsqp"))}
-    except FileNotFoundError:
-        return set()
+    """What tsqp transports have named in /dev/shm (see conftest.shm_names)."""
+    return shm_names()
 
 
 @pytest.fixture(autouse=True)

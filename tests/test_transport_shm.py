@@ -1,13 +1,13 @@
 """What the ``shm`` transport promises beyond the common contract
 (tests/test_transport_contract.py): sealed segments no peer can shrink, semaphore names that
-are unlinked once both sides hold them, several clients at once, arena limits that are errors and never crashes, guards against stale or torn messages,
-cleanup after kill -9 and Ctrl-C, and stage 1 end to end."""
+are unlinked once both sides hold them, several clients at once, arena limits that are
+errors and never crashes, guards against stale or torn messages, and stage 1 end to end.
+Kill -9 and Ctrl-C of either side: tests/test_signals.py."""
 
 from __future__ import annotations
 
 import fcntl
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -23,14 +23,14 @@ from tsqp_core.bench_transport import EchoServer
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.transport import MessageTooLarge, PeerDead, TransportError
 
+from conftest import shm_names
+
 shm = pytest.importorskip("tsqp_transport_shm")
 
-SHM_DIR = "/dev/shm"
-ENV = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", HF_HUB_OFFLINE="1")
 
 
 def ours() -> set[str]:
-    return {n for n in os.listdir(SHM_DIR) if n.startswith(("tsqp", "sem.tsqp"))}
+    return shm_names()
 
 
 @pytest.fixture(autouse=True)
@@ -309,57 +309,3 @@ def test_stage1_generate_matches_transformers(run_tiny):
                    "workload.new_tokens=8", "reference=true", "seed=5")
     assert res["reference"]["tokens_match"] is True
     assert res["reference"]["max_abs_logit_diff"] <= 1e-4
-
-
-def _start_run(tmp_path, *overrides):
-    return subprocess.Popen(
-        [sys.executable, "-m", "tsqp_core", "run", "stage=stage1", "model=tiny",
-         "threads.tee=1", "threads.gpu=1", f"hydra.run.dir={tmp_path}", *overrides],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-        start_new_session=True)
-
-
-def _server_child(run: subprocess.Popen) -> int:
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        out = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout
-        if out.strip():
-            return int(out.split()[0])
-        time.sleep(0.2)
-    raise AssertionError("the run started no GPU-side child")
-
-
-@pytest.mark.slow
-def test_kill_9_of_the_server_mid_run_fails_the_run_clearly(tmp_path):
-    run = _start_run(tmp_path, "workload=generate", "workload.new_tokens=3000",
-                     "server.timeout_s=30")
-    try:
-        child = _server_child(run)
-        time.sleep(4)  # well into decoding
-        os.kill(child, signal.SIGKILL)
-        t0 = time.monotonic()
-        _, err = run.communicate(timeout=60)
-        assert time.monotonic() - t0 < 10  # noticed at once, not after server.timeout_s
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    assert run.returncode == 1
-    assert "tsqp: run failed:" in err and "exited with code -9" in err, err
-
-
-@pytest.mark.slow
-def test_ctrl_c_of_a_stage1_run_leaves_nothing(tmp_path):
-    run = _start_run(tmp_path, "workload=generate", "workload.new_tokens=3000")
-    try:
-        child = _server_child(run)
-        time.sleep(4)
-        os.killpg(run.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole group
-        run.wait(timeout=60)
-    finally:
-        if run.poll() is None:
-            run.kill()
-            run.wait()
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)

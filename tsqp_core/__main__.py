@@ -40,12 +40,16 @@ TOOLS = {"fuzz": "tsqp_core.fuzz", "soak": "tsqp_core.soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run a command; Ctrl-C anywhere ends it with one line and exit code 130."""
+    """Run a command; Ctrl-C anywhere ends it with one line and exit code 130 (a SIGTERM
+    during ``run``: 143)."""
     try:
         return _main(sys.argv[1:] if argv is None else argv)
-    except KeyboardInterrupt:
-        print("tsqp: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        from tsqp_core.app import interrupted
+
+        code, line = interrupted(exc)
+        print(line, file=sys.stderr)
+        return code
 
 
 def _main(argv: list[str]) -> int:

@@ -32,7 +32,29 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
 #: 2 bad input (fix the command line); 3 the GPU side's reply failed an integrity check;
 #: 130 interrupted (Ctrl-C), after the GPU side it started has been stopped.
 EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY, EXIT_INTERRUPTED = 1, 2, 3, 130
-INTERRUPTED = "tsqp: interrupted"
+#: ... and 143 terminated (SIGTERM), likewise after stopping the GPU side.
+EXIT_TERMINATED = 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be: the same unwinding stops the GPU side."""
+
+
+def on_sigterm() -> None:
+    """Make SIGTERM end ``run`` as Ctrl-C does (cleanly, one line), not mid-air."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def interrupted(exc: BaseException) -> tuple[int, str]:
+    """Exit code and the one line for a Ctrl-C or a SIGTERM."""
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED, "tsqp: terminated"
+    return EXIT_INTERRUPTED, "tsqp: interrupted"
 
 
 def check_args(args: list[str], prog: str) -> str | None:
@@ -74,12 +96,12 @@ def run_app(args: list[str]) -> int:
         try:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             result = run(config, Path(HydraConfig.get().runtime.output_dir))
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
             # the GPU side was stopped on the way out (connect's context managers)
             if HydraConfig.get().mode.name == "MULTIRUN":
                 raise  # the sweep ends; main() prints the one line
-            print(INTERRUPTED, file=sys.stderr)
-            status["code"] = EXIT_INTERRUPTED
+            status["code"], line = interrupted(exc)
+            print(line, file=sys.stderr)
             return
         except (*_user_errors(), *_runtime_errors()) as exc:
             code, what = _exit_code(exc)
@@ -94,6 +116,7 @@ def run_app(args: list[str]) -> int:
     if refused:
         print(refused, file=sys.stderr)
         return EXIT_USAGE
+    on_sigterm()
     saved = sys.argv
     sys.argv = ["python -m tsqp_core run", *launcher_defaults(args)]
     try:

@@ -857,9 +857,14 @@ class ShmClient(ClientChannel):
 
     def _check(self, link: _Link, deadline: float | None, timeout: float | None) -> None:
         reason = self.watchdog() if self.watchdog else None
-        if reason is None and not link.alive():  # the watchdog may know more by now
-            reason = ((self.watchdog() if self.watchdog else None)
-                      or "the server closed the connection")
+        if reason is None and not link.alive():
+            # a server that stops closes its end just before it exits: give the watchdog a
+            # moment to say how it ended, which says more than the closed socket
+            wait_until = time.monotonic() + 0.5
+            while reason is None and self.watchdog and time.monotonic() < wait_until:
+                time.sleep(0.02)
+                reason = self.watchdog()
+            reason = reason or "the server closed the connection"
         if reason:
             self._drop()
             raise PeerDead(f"{self.address}: {reason}")
