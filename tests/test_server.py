@@ -88,7 +88,9 @@ def test_malformed_requests_get_error_replies(server, frames, words):
 
 
 def test_hello_refuses_a_mismatch(server, model_dir, schedule):
-    assert_error(hello(server, model_dir, schedule, fingerprint="0" * 16), "fingerprint")
+    refused = hello(server, model_dir, schedule, fingerprint="0" * 16)
+    assert_error(refused, "fingerprint", "is not this server's")
+    assert server.fingerprint not in refused.header["error"]  # a stranger learns nothing
     assert_error(hello(server, model_dir, schedule, dtype="bfloat16"), "dtype")
     assert_error(hello(server, model_dir, schedule, executor="fused"), "executor")
     assert_error(hello(server, model_dir, schedule, v=99), "protocol")

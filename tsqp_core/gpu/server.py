@@ -217,9 +217,13 @@ class GpuServer:
                 "dtype": self.dtype_name}
         for key, value in mine.items():
             if getattr(h, key) != value:
-                what = "model fingerprint (checkpoint contents)" if key == "fingerprint" else key
+                if key == "fingerprint":  # never tell a stranger which model this is
+                    raise RequestError(
+                        f"the client's model fingerprint {h.fingerprint!r:.40} is not this "
+                        "server's (the checkpoints' contents differ); start a server with the "
+                        "same model")
                 raise RequestError(
-                    f"the server's {what} is {value!r} but the client's is "
+                    f"the server's {key} is {value!r} but the client's is "
                     f"{getattr(h, key)!r:.80}; start a server with the same model, executor "
                     "and dtype")
         if not 1 <= h.batch <= MAX_BATCH:
