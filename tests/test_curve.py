@@ -264,7 +264,7 @@ def test_a_gpu_side_on_another_host_over_curve(keys, tmp_path):
                 return subprocess.run(
                     [sys.executable, "-m", "tsqp_core", "run", "model=tiny", "threads.tee=1",
                      "workload=generate", "workload.prompt_tokens=8", "workload.new_tokens=4",
-                     f"server.address={where}", "server.connect_timeout_s=5",
+                     f"server.address={where}", "server.connect_timeout_s=3",
                      f"hydra.run.dir={tmp_path}", *args],
                     capture_output=True, text=True, env=ENV, timeout=300)
 
