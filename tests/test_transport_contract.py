@@ -177,6 +177,47 @@ def test_malformed_headers_get_an_error_and_the_server_keeps_serving(client, fra
     assert_same(call(client, sent).tensors, sent)
 
 
+# --- peers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_each_connection_is_its_own_peer_and_its_departure_is_reported(transport):
+    """What keeps clients apart on the GPU side: the server knows which connection sent a
+    request, two connections are never the same peer, and a closed one is reported gone."""
+    server = transport.listen()
+    seen, gone = [], []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            frames = server.recv(0.02)
+            gone.extend(server.departed())
+            if frames is not None:
+                seen.append(server.peer)
+                server.send(EchoServer("codec").handle(frames))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        a = transport.connect(server.address)
+        b = transport.connect(server.address)
+        for channel in (a, b, a, b):
+            call(channel)
+        assert seen[0] == seen[2] and seen[1] == seen[3] and seen[0] != seen[1]
+        a.close()
+        deadline = time.monotonic() + 20
+        while seen[0] not in gone:
+            assert time.monotonic() < deadline, "a closed connection was never reported"
+            time.sleep(0.05)
+        call(b)
+        assert seen[1] not in gone
+        b.close()
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
+
+
 # --- close, timeouts, peer death -------------------------------------------------------------
 
 
