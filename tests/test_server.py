@@ -190,6 +190,16 @@ def test_the_server_is_full_refuses_clearly_and_frees_on_departure_or_idleness(m
     assert A not in server._clients and server.clients == 2
 
 
+def test_one_key_holds_at_most_half_the_connections(model_dir, schedule):
+    server = GpuServer(model_dir, UnfusedExecutor(PluginOptions()), "unfused", torch.float32,
+                       torch.device("cpu"), max_clients=4)
+    for conn in (b"1", b"2"):
+        assert hello(server, model_dir, schedule, Peer(conn, "samekey")).header["ok"]
+    assert_error(hello(server, model_dir, schedule, Peer(b"3", "samekey")),
+                 "this client key already holds 2 of the 4 connections")
+    assert hello(server, model_dir, schedule, Peer(b"4", "otherkey")).header["ok"]
+
+
 def test_requests_are_limited_before_and_after_hello(server, model_dir, schedule):
     big = torch.zeros(protocol.PRE_HELLO_BYTES, dtype=torch.uint8)
     msg = reply(server, codec.encode(Message({"m": "ping", "id": 5}, {"x": big})), A)

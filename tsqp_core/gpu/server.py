@@ -18,7 +18,8 @@ one, so no client can see, use or evict another's. Limits are per client and ref
 clear: a client holds at most ``max_sessions`` live sessions (one more is refused, never a
 live one evicted) and :data:`MAX_PLANS` plans (its own oldest goes); the server holds at
 most ``max_clients`` clients -- a hello beyond that is refused unless a client has been
-idle for ``idle_s``, whose state is then dropped. A connection that closes frees its state
+idle for ``idle_s``, whose state is then dropped -- and one authenticated key at most half
+of them. A connection that closes frees its state
 at once where the transport reports it (:meth:`GpuServer.forget`).
 
 **Sizes.** Before its hello a connection may send :data:`protocol.PRE_HELLO_BYTES`; after,
@@ -207,6 +208,12 @@ class GpuServer:
             raise RequestError(f"the GPU side is full: it serves {self.max_clients} clients "
                                "at once (server.max_clients) and none has been idle for "
                                f"{self.idle_s:g} s; try again later")
+        if peer.key is not None:
+            per_key = max(1, self.max_clients // 2)
+            if sum(c.peer.key == peer.key for c in self._clients.values()) >= per_key:
+                raise RequestError(f"this client key already holds {per_key} of the "
+                                   f"{self.max_clients} connections a GPU side serves; close "
+                                   "one first")
         client = self._clients[peer] = _Client(peer)
         return client
 
