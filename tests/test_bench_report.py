@@ -24,6 +24,20 @@ SECTION5 = {"schema", "config", "workload", "rpc", "latency_ms", "reference", "e
             "output_text"}
 
 
+def rpc_calls(res: dict) -> int:
+    return res["rpc"]["calls_per_forward"]
+
+
+def test_the_median_is_one_real_repeat_on_every_side():
+    from tsqp_core.metrics import median, median_index, ratio_spread
+
+    assert median([4.0, 1.0, 3.0, 2.0]) == 2.0  # the lower middle one, not 2.5
+    assert median([5.0]) == 5.0 and median([]) is None
+    xs = [3.0, 9.0, 1.0, 7.0]
+    assert xs[median_index(xs)] == median(xs)
+    assert ratio_spread([2.0, 4.0], [1.0, 1.0]) == {"min": 2.0, "median": 2.0, "max": 4.0}
+
+
 def _check_bench(res: dict) -> None:
     assert SECTION5 <= set(res) and res["schema"] == "tsqp.run/1"
     lat = res["latency_ms"]
@@ -41,6 +55,23 @@ def _check_bench(res: dict) -> None:
     assert bench["decode_ms_per_token"]["split"] == lat["tpot"]
     assert bench["threads"]["monolithic"] == res["config"]["threads"]["tee"]
     assert res["ratio"]["total"] == bench["total_ms"]["ratio"]
+    # one median for both sides: a real repeat of each (the lower middle one)
+    ref_lat = res["reference"]["latency_ms"]
+    for side in (lat, ref_lat):
+        for key in ("total", "ttft", "tpot"):
+            assert side[key] in side[f"repeats_{key}"]
+        assert side["ttft"] <= side["total"]
+    for key in ("ttft", "tpot"):
+        spread = res["ratio_spread"][key]
+        per_repeat = [a / b for a, b in zip(lat[f"repeats_{key}"], ref_lat[f"repeats_{key}"])]
+        assert spread["min"] == min(per_repeat) and spread["max"] == max(per_repeat)
+        assert spread["min"] <= spread["median"] <= spread["max"]
+    per_call = bench["per_call_overhead_us"]
+    assert per_call["calls_per_forward"] == rpc_calls(res)
+    assert per_call["prefill"] == pytest.approx(
+        (lat["ttft"] - ref_lat["ttft"]) * 1e3 / rpc_calls(res))
+    assert per_call["decode"] == pytest.approx(
+        (lat["tpot"] - ref_lat["tpot"]) * 1e3 / rpc_calls(res))
     ref = res["reference"]
     assert ref["tokens_match"] is True and ref["max_abs_logit_diff"] <= 1e-4
     assert len(res["tokens"][0]) == 3 + 1  # the prefill's token, then new_tokens decode steps
@@ -79,8 +110,9 @@ def test_report_from_results(run_tiny, tmp_path):
     job = tmp_path / "sweep" / "0-custom"
     job.mkdir(parents=True)
     (job / "results.json").write_text(json.dumps(res))
-    paths = report.write_report(tmp_path / "sweep")
-    assert [p.name for p in paths] == list(report.FILES)
+    written = report.write_report(tmp_path / "sweep")
+    paths = written.paths
+    assert [p.name for p in paths] == list(report.FILES) and written.failures == []
     (row,) = list(csv.DictReader(io.StringIO(paths[0].read_text())))
     assert row["job"] == "0-custom" and row["kind"] == "bench"
     assert float(row["split_over_monolithic"]) == pytest.approx(res["ratio"]["total"], rel=1e-3)

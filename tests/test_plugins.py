@@ -81,13 +81,18 @@ def test_name_clashes_name_both_packages():
         Plugins(make_plugin_manager(PigeonPlugin(), Clash()))
 
 
-def test_plugins_command_lists_name_family_package_version():
+def test_plugins_command_lists_name_family_package_version_and_options():
     out = subprocess.run([sys.executable, "-m", "tsqp_core", "plugins"], capture_output=True,
                          text=True, check=True).stdout
     header, *rows = out.splitlines()
-    assert header.split() == ["family", "name", "package", "version"]
-    assert any(r.split()[:3] == ["transport", "tcp", "tsqp-transport-tcp"] for r in rows)
-    assert any(r.split()[:3] == ["executor", "unfused", "tsqp-core"] for r in rows)
+    assert header.split() == ["family", "name", "package", "version", "options", "(defaults)"]
+    tcp = next(r.split() for r in rows if r.split()[:2] == ["transport", "tcp"])
+    assert tcp[2] == "tsqp-transport-tcp"
+    assert 'bind="tcp://127.0.0.1:0"' in tcp and "allow_remote=false" in tcp
+    assert any(r.split() == ["executor", "unfused", "tsqp-core", "0.1.0", "-"] for r in rows)
+    # the defaults a run starts from: the config file's, over the Options model's
+    custom = next(r for r in rows if r.split()[:2] == ["partition", "custom"])
+    assert 'gpu=["embed","qkv_proj"' in custom
 
 
 def test_plugin_import_does_not_touch_cuda():

@@ -1,4 +1,4 @@
-"""Command line: ``python -m tsqp_core {run,serve,bench,plugins,report} ...``.
+"""Command line: ``python -m tsqp_core {run,serve,bench,attack,plugins,report,contract,new-plugin}``.
 
 ``run`` and ``serve`` take Hydra overrides (``transport=shm executor=fused``, ``-m`` for sweeps,
 ``--help`` for the config groups)."""
@@ -22,15 +22,26 @@ commands:
   serve [OVERRIDES]   run the GPU side alone (binds loopback unless transport.options
                       says otherwise); point a run at it with server.address=ADDRESS
   bench WHAT [ARGS]   benchmarks; WHAT is one of: transport (bench WHAT --help)
+  attack [--mutant NAME] [OVERRIDES]
+                      record a run's GPU side in process, attack it with the public
+                      weights against a blind baseline, check the masks (exit 1 if a
+                      check fails); --mutant runs a deliberately broken scheme
   keys DIR            make CurveZMQ key files for transport=tcp (server, client,
                       authorized/): then transport.options.curve=DIR on both hosts
   fuzz [ARGS]         a structure-aware, seeded fuzz campaign against the GPU side:
                       messages sent, crashes, hangs, memory growth (fuzz --help)
   soak [ARGS]         100,000+ calls through each transport: memory and file
                       descriptors of both sides (soak --help)
-  plugins             list installed plugins: name, family, package, version
+  plugins             list installed plugins: family, name, package, version, and
+                      their options with defaults
   report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
                       results.json files under it (a sweep writes them itself)
+  contract FAMILY NAME [PYTEST ARGS]
+                      run FAMILY's contract suite against the installed plugin NAME
+                      (needs pip install 'tsqp-core[test]')
+  new-plugin KIND NAME [--dir DIR]
+                      write a working plugin package to start from: entry point, config
+                      file, options model and its contract tests
 """
 
 #: ``bench`` subcommands: name -> module with ``main(argv) -> int``.
@@ -73,6 +84,10 @@ def _main(argv: list[str]) -> int:
         import importlib
 
         return importlib.import_module(BENCHES[rest[0]]).main(rest[1:])
+    if command == "attack":
+        from tsqp_core.attack.command import main as attack_main
+
+        return attack_main(rest)
     if command == "keys":
         try:
             from tsqp_transport_tcp.curve import main as keys_main
@@ -93,6 +108,14 @@ def _main(argv: list[str]) -> int:
         from tsqp_core.report import main as report_main
 
         return report_main(rest)
+    if command == "contract":
+        from tsqp_core.testing import main as contract_main
+
+        return contract_main(rest)
+    if command == "new-plugin":
+        from tsqp_core.template import main as template_main
+
+        return template_main(rest)
     if command == "_child":
         from tsqp_core.launch import child_main
 

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+from tsqp_core.configs import CONF_DIR
 
 #: Errors that are the user's to fix: printed as one clear message, exit code 2.
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -28,12 +28,21 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
     return (RemoteError, TransportError, IntegrityError)
 
 
-#: Exit codes of ``run``: 0 done; 1 the run failed (GPU side gone, refused, timed out);
-#: 2 bad input (fix the command line); 3 the GPU side's reply failed an integrity check;
-#: 130 interrupted (Ctrl-C), after the GPU side it started has been stopped.
-EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY, EXIT_INTERRUPTED = 1, 2, 3, 130
-#: ... and 143 terminated (SIGTERM), likewise after stopping the GPU side.
-EXIT_TERMINATED = 143
+#: Exit codes of ``run`` (README, "Exit codes"):
+#:
+#: * 0 -- done (with ``reference=true``: logits and greedy tokens agree with transformers);
+#: * 1 -- the run failed: GPU side gone, refused, timed out;
+#: * 2 -- bad input: fix the command line (nothing was started);
+#: * 3 -- a reply from the GPU side failed an integrity check: the run was aborted;
+#: * 4 -- the reference check failed: max |dlogit| beyond ``reference_tolerance`` for the
+#:   dtype, or other greedy tokens than transformers; results.json was written all the same;
+#: * 130 -- interrupted (Ctrl-C), 143 -- terminated (SIGTERM): one line, after the GPU side
+#:   the run started has been stopped.
+#:
+#: A sweep (``-m``) runs every job, writes its summary (failed jobs listed) and exits with
+#: its failed jobs' code when they agree, else 1.
+EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY, EXIT_REFERENCE = 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
 
 
 class Terminated(KeyboardInterrupt):
@@ -86,31 +95,52 @@ def run_app(args: list[str]) -> int:
     from hydra.core.hydra_config import HydraConfig
     from omegaconf import DictConfig, OmegaConf
 
+    from tsqp_core import callbacks
+    from tsqp_core.configs import install, normalize_overrides
+
+    install()
     status = {"code": 0}
 
     @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base="1.3")
     def _run(cfg: DictConfig) -> None:
-        from tsqp_core.config import parse
-        from tsqp_core.run import run, summary
+        """One job. In a sweep a failed job does not stop the others: it says why on stderr
+        and in ``failed.json`` in its directory, and the sweep summary lists it."""
+        import traceback
 
+        from tsqp_core.config import parse
+        from tsqp_core.report import write_failure
+        from tsqp_core.run import reference_failure, run, summary
+
+        outdir = Path(HydraConfig.get().runtime.output_dir)
+        multirun = HydraConfig.get().mode.name == "MULTIRUN"
         try:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
-            result = run(config, Path(HydraConfig.get().runtime.output_dir))
+            result = run(config, outdir)
         except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
             # the GPU side was stopped on the way out (connect's context managers)
-            if HydraConfig.get().mode.name == "MULTIRUN":
+            if multirun:
                 raise  # the sweep ends; main() prints the one line
             status["code"], line = interrupted(exc)
             print(line, file=sys.stderr)
             return
         except (*_user_errors(), *_runtime_errors()) as exc:
             code, what = _exit_code(exc)
-            print(f"tsqp: {what}: {exc}", file=sys.stderr)
-            status["code"] = code
-            if HydraConfig.get().mode.name == "MULTIRUN":
-                raise  # the sweep must see the job fail
-            return
-        print(summary(result))
+            message = f"{what}: {exc}"
+        except Exception as exc:  # a bug: a single run shows the traceback as it is
+            if not multirun:
+                raise
+            traceback.print_exc()
+            code, message = EXIT_FAILED, f"run failed: {type(exc).__name__}: {exc}"
+        else:
+            print(summary(result))
+            failure = reference_failure(result)
+            if failure is None:
+                return
+            code, message = EXIT_REFERENCE, f"{failure}; results in {outdir / 'results.json'}"
+        print(f"tsqp: {message}", file=sys.stderr)
+        status["code"] = code
+        if multirun:
+            write_failure(outdir, code, message)
 
     refused = check_args(args, "tsqp")
     if refused:
@@ -118,11 +148,14 @@ def run_app(args: list[str]) -> int:
         return EXIT_USAGE
     on_sigterm()
     saved = sys.argv
-    sys.argv = ["python -m tsqp_core run", *launcher_defaults(args)]
+    sys.argv = ["python -m tsqp_core run", *launcher_defaults(normalize_overrides(args))]
+    callbacks.last_sweep = None
     try:
         _run()
     finally:
         sys.argv = saved
+    if callbacks.last_sweep is not None:  # a sweep: its jobs may have run elsewhere
+        return callbacks.last_sweep.exit_code
     return status["code"]
 
 
@@ -138,10 +171,10 @@ def launcher_defaults(args: list[str]) -> list[str]:
 
 def serve_app(args: list[str]) -> int:
     """``serve``: compose the same config, then run only the GPU side, in this process."""
-    from hydra import compose, initialize_config_dir
     from omegaconf import OmegaConf
 
     from tsqp_core.config import parse
+    from tsqp_core.configs import compose
     from tsqp_core.launch import ServerSpec, build_server
     from tsqp_core.models.source import resolve
     from tsqp_core.gpu.server import serve_forever
@@ -155,8 +188,7 @@ def serve_app(args: list[str]) -> int:
         print(refused, file=sys.stderr)
         return EXIT_USAGE
     try:
-        with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-            cfg = compose("config", overrides=args)
+        cfg = compose(args)
         config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         import torch
 
@@ -178,8 +210,9 @@ def serve_app(args: list[str]) -> int:
         return 2
 
     def ready(address: str) -> None:
-        print(f"tsqp serve: {config.model.name} ({config.dtype}, executor {config.executor.name}) "
-              f"on {server.device}, listening at {address}", flush=True)
+        print(f"tsqp serve: {config.model.path or config.model.name} ({config.dtype}, "
+              f"executor {config.executor.name}) on {server.device}, listening at {address}",
+              flush=True)
         print(json.dumps({"address": address}), flush=True)
 
     signum = serve_forever(server, channel, ready)
@@ -190,11 +223,28 @@ def serve_app(args: list[str]) -> int:
 
 
 def list_plugins() -> int:
+    """``plugins``: every installed implementation, where it comes from, and its options with
+    their defaults (what ``GROUP=NAME`` starts from; ``GROUP.options.KEY=VALUE`` changes one)."""
     from tsqp_core.plugins import get_plugins
 
-    rows = [(e.family, e.name, e.package, e.version) for e in get_plugins().all_entries()]
-    widths = [max(len(r[i]) for r in rows + [("family", "name", "package", "version")])
-              for i in range(4)]
-    for row in [("family", "name", "package", "version"), *rows]:
-        print("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+    plugins = get_plugins()
+    head = ("family", "name", "package", "version", "options (defaults)")
+    rows = [(e.family, e.name, e.package, e.version, _options_text(e))
+            for e in plugins.all_entries()]
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(4)]
+    for row in [head, *rows]:
+        print("  ".join([*(c.ljust(w) for c, w in zip(row, widths)), row[4]]).rstrip())
+    for name, package, error in plugins.broken:
+        print(f"broken: {name} from {package}: {error}")
     return 0
+
+
+def _options_text(entry) -> str:
+    from tsqp_core.configs import effective_options
+
+    defaults = effective_options(entry.family, entry.name, entry.cls)
+    fields = [*entry.cls.Options.model_fields, *(k for k in defaults
+                                                  if k not in entry.cls.Options.model_fields)]
+    parts = [f"{k}={json.dumps(defaults[k], separators=(',', ':'))}" if k in defaults
+             else f"{k}=<required>" for k in fields]
+    return " ".join(parts) or "-"

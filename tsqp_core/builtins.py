@@ -9,6 +9,7 @@ from tsqp_core.partition import (AttnMlpPartition, CustomPartition, LayerPartiti
                                   LinearsPartition, SeedPartition)
 from tsqp_core.protection.none import NoProtection
 from tsqp_core.protection.otp import OtpProtection
+from tsqp_core.protection.verify import VerifyProtection
 from tsqp_core.tee_ops import TorchTeeOps
 
 
@@ -38,3 +39,4 @@ def tsqp_register_partitions(register):
 def tsqp_register_protections(register):
     register(NoProtection)
     register(OtpProtection)
+    register(VerifyProtection)

@@ -50,8 +50,6 @@ class Server(Strict):
     #: Address of a running ``tsqp_core serve``; ``null`` starts one for the run.
     address: str | None = None
     startup_timeout_s: float = Field(300.0, gt=0)
-    #: With ``address``: how long to wait for a running server's answer to hello.
-    connect_timeout_s: float = Field(10.0, gt=0)
     timeout_s: float = Field(120.0, gt=0)
     #: Live generations per client (one more is refused, never a live one evicted).
     max_sessions: int = Field(4, ge=1)
@@ -69,8 +67,21 @@ class Server(Strict):
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+class ReferenceTolerance(Strict):
+    """The largest max |Δlogit| against transformers a ``reference=true`` run accepts, per
+    dtype (a protection scheme's own declared tolerance is added). fp32 agrees to ~1e-4 on
+    the models here (3.7e-4 on the 1B shape at 1024 tokens); bf16 keeps 8 bits, and two
+    correct implementations that round in another order differ by up to ~0.5 on the tiny
+    model; a real bug (a wrong mask, a wrong RoPE sign) moves logits by several units."""
+
+    float32: float = Field(1e-3, ge=0)
+    bfloat16: float = Field(0.6, ge=0)
+    float16: float = Field(0.1, ge=0)
+
+
 class RunConfig(Strict):
-    stage: str = "custom"
+    #: The stage preset the run was composed from (``stage=stage3``); ``None``: no preset.
+    stage: str | None = None
     transport: PluginChoice
     executor: ExecutorChoice
     partition: PluginChoice
@@ -83,6 +94,11 @@ class RunConfig(Strict):
     device: str = "auto"
     prompt: str | None = None
     reference: bool = False
+    #: Beyond it (or with other greedy tokens) a reference=true run exits 4 (app.EXIT_REFERENCE).
+    reference_tolerance: ReferenceTolerance = ReferenceTolerance()
+    #: After the timed part, one extra recorded in-process prefill pair, attacked with the
+    #: public weights (tsqp_core.attack): ``attacks`` in results.json.
+    attack: bool = False
     seed: int = 0
     threads: Threads = Threads()
     server: Server = Server()

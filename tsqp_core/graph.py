@@ -1,4 +1,4 @@
-"""The forward graph: a fixed sequence of ops over named values (DESIGN.md section 3).
+"""The forward graph: a fixed sequence of ops over named values (README, "Architecture").
 
 Each op reads and writes *values* named in single-assignment form: ``h0`` is the embedding
 output (the residual stream entering layer 0), ``3.q`` is layer 3's query projection,
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 #: Per-layer op kinds, in execution order: (kind, inputs, outputs). ``{i}`` is the layer,
-#: ``{n}`` the next layer. ``attn_residual``/``mlp_residual`` are DESIGN.md's two "residual"s.
+#: ``{n}`` the next layer. ``attn_residual``/``mlp_residual`` are a layer's two residual adds.
 LAYER_OPS: tuple[tuple[str, tuple[str, ...], tuple[str, ...]], ...] = (
     ("input_norm", ("h{i}",), ("{i}.x",)),
     ("qkv_proj", ("{i}.x",), ("{i}.q", "{i}.k", "{i}.v")),

@@ -15,6 +15,13 @@ one of: ..." error. Each implementation is a class with
   keys rejected (use :class:`tsqp_core.plugins.PluginOptions` as the base),
 * a constructor taking one validated ``Options`` instance.
 
+A plugin package also ships its config group file, ``conf/<family>/<name>.yaml`` (``name``
+and ``options`` with their defaults) inside the package its entry point names, as package
+data; installed, ``<family>=<name>`` selects it (:mod:`tsqp_core.configs`). Its contract
+suite runs with ``python -m tsqp_core contract <family> <name>`` (:mod:`tsqp_core.testing`),
+and ``python -m tsqp_core new-plugin <family> <name>`` writes a working package with all of
+this to start from.
+
 The abstract base classes each family must implement live in :mod:`tsqp_core.transport`,
 :mod:`tsqp_core.executor`, :mod:`tsqp_core.tee_ops`, :mod:`tsqp_core.partition` and
 :mod:`tsqp_core.protection`. Plugin modules are imported in both processes (TEE and GPU side),
@@ -124,6 +131,7 @@ def tsqp_register_protections(register: Register) -> None:
     verify; ``seen_as(value, how)`` feeds the exposure report; ``report()`` the
     ``protection`` section of ``results.json``; ``gpu_backend(inner, ...)`` is the optional
     GPU-side part. Class attributes: ``deterministic``, ``tolerance`` (max |Δlogit| against
-    the unprotected run, by dtype), ``threat_model``. ``tests/test_protection_contract.py``
-    runs every registered scheme on every partition.
+    the unprotected run, by dtype), ``threat_model``. The contract suite
+    (:mod:`tsqp_core.testing.protection_contract`) runs every registered scheme on every
+    partition.
     """

@@ -1,4 +1,4 @@
-"""Where time and bytes go: the breakdown every run reports (DESIGN.md section 5).
+"""Where time and bytes go: the breakdown every run reports (README, "results.json").
 
 Categories are the seed's: ``serialize`` (codec work and message checks, both sides),
 ``transport`` (round trip minus everything the server reported doing), ``gpu_compute``
@@ -11,7 +11,6 @@ Work a scheme does before the timed region (mask pools, probes) is reported apar
 
 from __future__ import annotations
 
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Iterator
@@ -79,10 +78,24 @@ class Meter:
 
 
 def median(xs: list[float]) -> float | None:
-    return statistics.median(xs) if xs else None
+    """The median as every figure of tsqp reports it: the *lower* middle element, one real
+    observation (never the mean of two middle ones). One definition for the split and the
+    monolithic side, for totals, ttft and tpot alike, so that ratios compare like with like
+    and a statistic of parts never exceeds the same statistic of the wholes it bounds
+    (each repeat's ttft <= its total, hence median ttft <= median total)."""
+    return sorted(xs)[(len(xs) - 1) // 2] if xs else None
 
 
 def median_index(xs: list[float]) -> int:
-    """Index of the element that is the (lower) median."""
+    """Index of the repeat that is the :func:`median`."""
     order = sorted(range(len(xs)), key=xs.__getitem__)
     return order[(len(xs) - 1) // 2]
+
+
+def ratio_spread(split: list[float], mono: list[float]) -> dict[str, float] | None:
+    """Per-repeat ratios ``split[i] / mono[i]`` (repeat i of each side): their min, median
+    and max, reported beside the ratio of medians."""
+    ratios = [a / b for a, b in zip(split, mono) if a is not None and b]
+    if not ratios:
+        return None
+    return {"min": min(ratios), "median": median(ratios), "max": max(ratios)}

@@ -48,17 +48,73 @@ class KVCache:
 # --- RoPE ------------------------------------------------------------------------------------
 
 
-def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
-    """Inverse frequencies and attention scaling, with Llama-3 rope scaling when configured."""
+#: RoPE variants tsqp implements (each checked against transformers in the tests).
+ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+
+
+def rope_parameters(config: Any) -> dict[str, Any]:
+    """The model's RoPE parameters (transformers' ``rope_parameters``, legacy keys folded in),
+    with ``rope_type`` and ``rope_theta`` always present."""
     params = dict(getattr(config, "rope_parameters", None) or {})
-    theta = float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-    rope_type = params.get("rope_type", "default")
+    params.setdefault("rope_type", params.pop("type", "default"))
+    params.setdefault("rope_theta", getattr(config, "rope_theta", 10000.0))
+    return params
+
+
+def check_rope(config: Any) -> None:
+    """Refuse what :func:`rope_inv_freq` cannot compute like transformers (``ValueError``)."""
+    params = rope_parameters(config)
+    rope_type = params["rope_type"]
+    if rope_type not in ROPE_TYPES:
+        raise ValueError(f"rope_type {rope_type!r} is not supported (supported: "
+                         f"{', '.join(ROPE_TYPES)})")
+    if float(params.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise ValueError("partial_rotary_factor != 1 is not supported (RoPE over the whole head)")
+    needs = {"linear": ("factor",), "dynamic": ("factor",),
+             "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                        "original_max_position_embeddings")}.get(rope_type, ())
+    missing = [k for k in needs if params.get(k) is None]
+    if missing:
+        raise ValueError(f"rope_type {rope_type!r} needs {', '.join(missing)}")
+
+
+def rope_context(config: Any) -> int:
+    """Positions a model may use: ``max_position_embeddings``, times ``factor`` for dynamic
+    RoPE (whose purpose is to run past the trained context: transformers sets no limit)."""
+    params = rope_parameters(config)
+    if params["rope_type"] == "dynamic":
+        return int(config.max_position_embeddings * float(params["factor"]))
+    return int(config.max_position_embeddings)
+
+
+def rope_inv_freq(config: Any, head_dim: int, seq_len: int | None = None
+                  ) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies and attention scaling, as transformers computes them.
+
+    ``default``; ``linear`` (frequencies / factor); ``llama3`` (Llama 3.1's smoothed scaling);
+    ``dynamic`` (NTK: the base grows with ``seq_len`` past ``max_position_embeddings``, computed
+    in the same dtypes as transformers so both give the same bits; ``None`` is the model's
+    own context, i.e. the default frequencies)."""
+    check_rope(config)
+    params = rope_parameters(config)
+    theta = float(params["rope_theta"])
+    rope_type = params["rope_type"]
     inv = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
     if rope_type == "default":
         return inv, 1.0
-    if rope_type != "llama3":
-        raise ValueError(f"rope_type {rope_type!r} is not supported (default, llama3)")
     factor = float(params["factor"])
+    if rope_type == "linear":
+        return inv / factor, 1.0
+    if rope_type == "dynamic":
+        max_pos = config.max_position_embeddings
+        if seq_len is None:
+            length: Any = max_pos
+        else:  # transformers passes max(position_ids) + 1 as an int64 tensor
+            length = torch.maximum(torch.tensor(seq_len, dtype=torch.int64),
+                                   torch.tensor(max_pos, dtype=torch.int64))
+        base = theta * ((factor * length / max_pos) - (factor - 1)) ** (head_dim / (head_dim - 2))
+        arange = torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim
+        return 1.0 / (base ** arange), 1.0
     low, high = float(params["low_freq_factor"]), float(params["high_freq_factor"])
     old_ctx = float(params["original_max_position_embeddings"])
     low_wavelen, high_wavelen = old_ctx / low, old_ctx / high
@@ -71,16 +127,36 @@ def rope_inv_freq(config: Any, head_dim: int) -> tuple[torch.Tensor, float]:
 
 
 class Rope:
-    """cos/sin tables for positions, computed like transformers (fp32, then cast)."""
+    """cos/sin tables for positions, computed like transformers (fp32, then cast).
+
+    Dynamic RoPE keeps transformers' state: a forward reaching past every position seen so
+    far (and past ``max_position_embeddings``) recomputes the frequencies for its length; one
+    back under ``max_position_embeddings`` returns to the original ones. Keys already in a KV
+    cache keep the rotation they got, as in transformers."""
 
     def __init__(self, config: Any, head_dim: int, device: str | torch.device = "cpu") -> None:
+        self.config, self.head_dim, self.device = config, head_dim, device
         inv, self.scaling = rope_inv_freq(config, head_dim)
-        self.inv_freq = inv.to(device)
+        self.inv_freq = self.original_inv_freq = inv.to(device)
+        self.dynamic = rope_parameters(config)["rope_type"] == "dynamic"
+        self.max_seq_len_cached = self.original_max_seq_len = config.max_position_embeddings
 
     def cos_sin(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.dynamic and pos.numel():
+            self._dynamic_update(int(pos.max()) + 1)
         freqs = pos.to(self.inv_freq.device, torch.float32)[:, None] * self.inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         return (emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype)
+
+    def _dynamic_update(self, seq_len: int) -> None:
+        """transformers' ``dynamic_rope_update``, step for step."""
+        if seq_len > self.max_seq_len_cached:  # growth
+            inv, self.scaling = rope_inv_freq(self.config, self.head_dim, seq_len)
+            self.inv_freq = inv.to(self.device)
+            self.max_seq_len_cached = seq_len
+        if seq_len < self.original_max_seq_len < self.max_seq_len_cached:  # reset
+            self.inv_freq = self.original_inv_freq
+            self.max_seq_len_cached = self.original_max_seq_len
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:

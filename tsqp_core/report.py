@@ -2,9 +2,12 @@
 
 One row per run found under a directory (recursively): where the time goes (the seed's
 categories), calls and bytes per forward, the monolithic time and ``split / monolithic``, and
-the max |Δlogit| against transformers. Written by the Hydra callback at the end of every
-``run -m`` sweep (:mod:`tsqp_core.callbacks`) and rebuilt by ``python -m tsqp_core report DIR``;
-both call :func:`write_report`, so they produce the same files from the same runs.
+the max |Δlogit| against transformers. Jobs that failed are listed too: each wrote
+``failed.json`` (exit code and reason) into its directory, and a job directory with neither
+that nor ``results.json`` belongs to a job that died (or is still running). Written by the
+Hydra callback at the end of every ``run -m`` sweep (:mod:`tsqp_core.callbacks`) and rebuilt
+by ``python -m tsqp_core report DIR``; both call :func:`write_report`, so they produce the
+same files from the same runs.
 """
 
 from __future__ import annotations
@@ -17,9 +20,11 @@ import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 FILES = ("summary.csv", "summary.md", "breakdown.png")
+#: What a job that failed leaves in its directory (beside results.json if it got that far).
+FAILED = "failed.json"
 PARTS = ("serialize", "transport", "gpu_compute", "tee_compute", "protect", "other")
 PART_LABELS = {"serialize": "serialization", "transport": "transport (RPC)",
                "gpu_compute": "GPU-side compute", "tee_compute": "TEE compute",
@@ -38,7 +43,8 @@ COLUMNS: dict[str, str] = {
     "monolithic_ms": ".3f", "split_over_monolithic": ".3f",
     "prefill_ms": ".3f", "monolithic_prefill_ms": ".3f", "prefill_ratio": ".3f",
     "decode_ms_per_token": ".3f", "monolithic_decode_ms_per_token": ".3f", "decode_ratio": ".3f",
-    "max_abs_logit_diff": ".3g", "tokens_match": "s",
+    "prefill_us_per_call": ".1f", "decode_us_per_call": ".1f",
+    "max_abs_logit_diff": ".3g", "tokens_match": "s", "status": "s", "error": "s",
 }
 
 
@@ -51,6 +57,23 @@ class Run:
     path: Path  # the run's directory
     result: dict[str, Any]
     overrides: list[str]  # the job's Hydra task overrides, when it has them
+
+
+@dataclass
+class Failure:
+    path: Path  # the job's directory
+    exit_code: int | None  # None: the job left no word (killed, crashed, still running)
+    error: str
+    overrides: list[str]
+
+
+def write_failure(job_dir: Path, exit_code: int, error: str) -> Path:
+    """Record in a job's directory that it failed, with the exit code it would have had."""
+    job_dir.mkdir(parents=True, exist_ok=True)
+    path = job_dir / FAILED
+    path.write_text(json.dumps({"schema": "tsqp.failed/1", "exit_code": exit_code,
+                                "error": error}, indent=2))
+    return path
 
 
 # --- reading --------------------------------------------------------------------------------
@@ -69,7 +92,31 @@ def _overrides(run_dir: Path) -> list[str]:
     return [str(o) for o in OmegaConf.load(path)]
 
 
-def collect(root: Path) -> list[Run]:
+def collect_failures(root: Path) -> list[Failure]:
+    """Every job under ``root`` that failed: those that said so (``failed.json``), and job
+    directories (Hydra's ``.hydra/`` inside) with no result at all."""
+    root = Path(root)
+    jobs = {p.parent.parent for p in root.rglob(".hydra/overrides.yaml")}
+    jobs |= {p.parent for p in root.rglob(FAILED)}
+    out = []
+    for job in sorted(jobs, key=lambda p: _natural(p.relative_to(root))):
+        marker = job / FAILED
+        if marker.is_file():
+            try:
+                data = json.loads(marker.read_text())
+                code, error = data.get("exit_code"), str(data.get("error", ""))
+            except (OSError, ValueError) as exc:
+                code, error = None, f"unreadable {FAILED}: {exc}"
+        elif (job / "results.json").is_file():
+            continue
+        else:
+            code, error = None, ("no results.json: the job died before it finished "
+                                 "(or is still running)")
+        out.append(Failure(job, code, error, _overrides(job)))
+    return out
+
+
+def collect(root: Path, allow_empty: bool = False) -> list[Run]:
     """Every readable ``tsqp.run/1`` result under ``root``, in job order."""
     root = Path(root)
     if not root.is_dir():
@@ -85,14 +132,14 @@ def collect(root: Path) -> list[Run]:
             print(f"tsqp report: skipping {path}: not a tsqp run result", file=sys.stderr)
             continue
         runs.append(Run(path.parent, result, _overrides(path.parent)))
-    if not runs:
+    if not runs and not allow_empty:
         raise NoResults(f"no results.json under {root}: give a run or sweep directory "
                         "(outputs/DATE/TIME-STAGE or multirun/DATE/TIME)")
     return runs
 
 
-def _varying(runs: list[Run]) -> list[str]:
-    """Override keys whose values differ between the runs: what the sweep swept."""
+def _varying(runs: list[Run] | list[Run | Failure]) -> list[str]:
+    """Override keys whose values differ between the jobs: what the sweep swept."""
     parsed = [dict(o.split("=", 1) for o in r.overrides if "=" in o) for r in runs]
     keys: list[str] = []
     for d in parsed:
@@ -110,12 +157,14 @@ def row(run: Run, root: Path, varying: list[str]) -> dict[str, Any]:
     ref = r.get("reference") or {}
     ref_lat = ref.get("latency_ms") or {}
     ratio = r.get("ratio") or {}
+    per_call = (r.get("bench") or {}).get("per_call_overhead_us") or {}
     per_fwd = rpc.get("per_forward")
     if per_fwd is None:  # older results: average over the forwards of the span
         forwards = max(1, round(rpc["calls"] / rpc["calls_per_forward"])) if rpc["calls_per_forward"] else 1
         per_fwd = {k: rpc[k] / forwards for k in ("bytes_to_gpu", "bytes_from_gpu")}
     opts = dict(o.split("=", 1) for o in run.overrides if "=" in o)
-    label = " ".join(f"{k}={opts[k]}" for k in varying if k in opts) or c["stage"]
+    label = (" ".join(f"{k}={opts[k]}" for k in varying if k in opts) or c.get("stage")
+             or run.path.name)
     threads = c.get("threads") or {}
     breakdown = lat.get("breakdown") or {}
     out = {
@@ -138,15 +187,34 @@ def row(run: Run, root: Path, varying: list[str]) -> dict[str, Any]:
         "decode_ms_per_token": lat.get("tpot"),
         "monolithic_decode_ms_per_token": ref_lat.get("tpot"),
         "decode_ratio": ratio.get("tpot", _ratio(lat.get("tpot"), ref_lat.get("tpot"))),
+        "prefill_us_per_call": per_call.get("prefill"),
+        "decode_us_per_call": per_call.get("decode"),
         "max_abs_logit_diff": ref.get("max_abs_logit_diff"),
         "tokens_match": ref.get("tokens_match"),
+        "status": "ok" if ref.get("passed", True) else "reference check failed",
+        "error": None,
     }
     return out
 
 
-def rows(runs: list[Run], root: Path) -> list[dict[str, Any]]:
-    varying = _varying(runs)
-    return [row(r, root, varying) for r in runs]
+def failure_row(failure: Failure, root: Path, varying: list[str]) -> dict[str, Any]:
+    """A failed job's CSV row: what it was (its swept overrides) and why it failed."""
+    opts = dict(o.split("=", 1) for o in failure.overrides if "=" in o)
+    label = " ".join(f"{k}={opts[k]}" for k in varying if k in opts) or failure.path.name
+    out: dict[str, Any] = dict.fromkeys(COLUMNS)
+    code = "" if failure.exit_code is None else f", exit {failure.exit_code}"
+    out |= {"job": failure.path.relative_to(root).as_posix(), "label": label,
+            "status": f"failed{code}", "error": failure.error}
+    return out
+
+
+def rows(runs: list[Run], root: Path,
+         failures: Sequence[Failure] = ()) -> list[dict[str, Any]]:
+    """One row per run, then one per failed job that left no result."""
+    varying = _varying([*runs, *failures])
+    with_results = {r.path for r in runs}
+    return ([row(r, root, varying) for r in runs]
+            + [failure_row(f, root, varying) for f in failures if f.path not in with_results])
 
 
 # --- writing --------------------------------------------------------------------------------
@@ -208,15 +276,37 @@ def _workload_text(r: dict[str, Any]) -> str:
     return f"prefill: {r['prompt_tokens']} tokens"
 
 
-def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path) -> str:
+def _failures_markdown(failures: Sequence[Failure], root: Path) -> list[str]:
+    if not failures:
+        return []
+    lines = [f"## Failed jobs: {len(failures)}", "",
+             "Each wrote `failed.json` into its directory (a job with no word died before it "
+             "finished); the jobs above are the ones that produced results.", "",
+             "| job | overrides | exit code | why |", "|---|---|---|---|"]
+    for f in failures:
+        cells = [f.path.relative_to(root).as_posix(), " ".join(f.overrides) or "–",
+                 "–" if f.exit_code is None else str(f.exit_code),
+                 " ".join(f.error.split())[:500]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return [*lines, ""]
+
+
+def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path,
+                failures: Sequence[Failure] = ()) -> str:
+    table = [r for r in table if r["status"] in ("ok", "reference check failed")]
     lines = ["# tsqp sweep summary", ""]
     command = _command(root)
     if command:
         lines += [f"Command: `{command}`", ""]
-    h = runs[0].result.get("host") or {}
+    h = (runs[0].result.get("host") or {}) if runs else {}
     if h:
         lines += [f"Machine: {h.get('cpus')} CPUs ({h.get('machine')}), {h.get('platform')}, "
                   f"torch {h.get('torch')}, OMP_WAIT_POLICY={h.get('omp_wait_policy')}.", ""]
+    if failures:
+        jobs = len({r.path for r in runs} | {f.path for f in failures})
+        lines += [f"**{len(failures)} of {jobs} jobs failed** (listed at the end).", ""]
+    if not table:
+        return "\n".join([*lines, *_failures_markdown(failures, root)])
     common = _common(table, ("model", "kind", "prompt_tokens", "new_tokens", "repeats",
                              "threads_tee", "threads_gpu", "device"))
     if {"model", "kind", "prompt_tokens", "new_tokens"} <= set(common):
@@ -228,17 +318,18 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path) -> str
     lines += [
         "Times in ms. *total* is one run of the workload (the median repeat) and its breakdown "
         "adds up to it; *monolithic* is transformers on the same weights, dtype and TEE threads; "
-        "*prefill* and *decode per token* read split / monolithic (ratio); calls and MB per "
+        "*prefill* and *decode per token* read split / monolithic (ratio); *µs/call* is "
+        "(split - monolithic) / calls per forward, prefill / decode; calls and MB per "
         "forward are those of the first forward (the prefill).", "",
     ]
     head = ["job", "stage", "transport", "executor", "dtype", "partition", "calls/fwd",
             "MB/fwd to / from GPU", "total", "serialize", "transport", "GPU compute",
             "TEE compute", "protect", "other", "monolithic", "split / mono", "prefill",
-            "decode per token", "max abs Δlogit"]
+            "decode per token", "µs/call", "max abs Δlogit"]
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in table:
         cells = [
-            r["label"], r["stage"], r["transport"], r["executor"], r["dtype"], r["partition"],
+            r["label"], r["stage"] or "–", r["transport"], r["executor"], r["dtype"], r["partition"],
             _md(r["calls_per_forward"], "d"),
             f"{_md(r['mb_to_gpu_per_forward'], '.2f')} / {_md(r['mb_from_gpu_per_forward'], '.2f')}",
             _md(r["total_ms"], ".1f"), *(_md(r[f"{p}_ms"], ".1f") for p in PARTS),
@@ -247,10 +338,12 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path) -> str
             _pair(r["prefill_ms"], r["monolithic_prefill_ms"], r["prefill_ratio"], ".1f"),
             _pair(r["decode_ms_per_token"], r["monolithic_decode_ms_per_token"],
                   r["decode_ratio"]),
+            f"{_md(r['prefill_us_per_call'], '.0f')} / {_md(r['decode_us_per_call'], '.0f')}",
             _md(r["max_abs_logit_diff"], ".2g"),
         ]
         lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     lines += ["", "![where the time goes, per job](breakdown.png)", ""]
+    lines += _failures_markdown(failures, root)
     return "\n".join(lines)
 
 
@@ -330,16 +423,39 @@ def plot(table: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, metadata={"Software": None})
 
 
-def write_report(root: Path) -> list[Path]:
-    """Build the three files in ``root`` from the runs under it; returns their paths."""
+@dataclass
+class Report:
+    paths: list[Path]  # the files written
+    runs: list[Run]
+    failures: list[Failure]
+
+    @property
+    def exit_code(self) -> int:
+        """0 when no job failed; the failed jobs' exit code when they agree; else 1."""
+        codes = {f.exit_code for f in self.failures}
+        if not codes:
+            return 0
+        return (codes.pop() or 1) if len(codes) == 1 else 1
+
+
+def write_report(root: Path) -> Report:
+    """Build the report in ``root`` from the jobs under it (the chart only when some job has
+    results); failed jobs are listed. Raises :class:`NoResults` when there are no jobs."""
     root = Path(root)
-    runs = collect(root)
-    table = rows(runs, root)
+    runs = collect(root, allow_empty=True)
+    failures = collect_failures(root)
+    if not runs and not failures:
+        collect(root)  # raises NoResults with its message
+    table = rows(runs, root, failures)
     csv_path, md_path, png_path = (root / f for f in FILES)
     csv_path.write_text(to_csv(table))
-    md_path.write_text(to_markdown(table, runs, root))
-    plot(table, png_path)
-    return [csv_path, md_path, png_path]
+    md_path.write_text(to_markdown(table, runs, root, failures))
+    paths = [csv_path, md_path]
+    ok = [r for r in table if r["status"] in ("ok", "reference check failed")]
+    if ok:
+        plot(ok, png_path)
+        paths.append(png_path)
+    return Report(paths, runs, failures)
 
 
 def main(args: list[str]) -> int:
@@ -353,9 +469,12 @@ def main(args: list[str]) -> int:
     parser.add_argument("dir", type=Path, help="a run or sweep directory")
     ns = parser.parse_args(args)
     try:
-        paths = write_report(ns.dir)
+        report = write_report(ns.dir)
     except NoResults as exc:
         print(f"tsqp report: error: {exc}", file=sys.stderr)
         return 2
-    print("tsqp report: wrote " + ", ".join(str(p) for p in paths))
+    print("tsqp report: wrote " + ", ".join(str(p) for p in report.paths))
+    if report.failures:
+        print(f"tsqp report: {len(report.failures)} failed job(s) listed in summary.md",
+              file=sys.stderr)
     return 0

@@ -2,7 +2,7 @@
 
 A transport knows nothing of tensors or methods; :mod:`tsqp_core.codec` turns messages into
 frames (``[header, *buffers]``) and back. The contract every transport honours, and that
-``tests/test_transport_contract.py`` checks for each registered one:
+the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each registered one:
 
 * **One outstanding request per client.** ``ClientChannel.request`` sends frames and blocks
   until the reply frames arrive, the timeout passes (:class:`PeerTimeout`) or the peer is known
@@ -131,6 +131,10 @@ class Transport(ABC):
     borrowed_frames: ClassVar[bool] = False
     #: The server lives in the client's process (``inproc``): ``run`` starts no child.
     in_process: ClassVar[bool] = False
+    #: The option that caps the bytes of one message (``arena_bytes``; ``max_frame_bytes``
+    #: for tcp, per frame), or ``None`` when any size is carried. The contract suite sets it
+    #: small to check "too large is an error, never a fallback".
+    size_limit_option: ClassVar[str | None] = None
 
     def __init__(self, options: PluginOptions) -> None:
         self.options = options

@@ -9,8 +9,9 @@ side (``tests/test_hostile_gpu.py`` holds the list); none lets a run exit 0.
 * ``what``, the lie:
 
   - in the first wire output of the call: ``element`` (one element nudged: +1 for integer
-    tensors, which for residues is another residue class; +1e-3 of the tensor's scale for
-    floats), ``nan``, ``inf``, ``huge`` (1e30), ``zero`` (the whole output zeroed);
+    tensors, which for residues is another residue class; for floats, by ``size`` times the
+    tensor's mean magnitude), ``nan``, ``inf``, ``huge`` (1e30), ``zero`` (the whole output
+    zeroed);
   - in the reply around it: ``timing`` (the server claims 10^15 ns), ``error`` (the call
     is refused with 100 KB of text full of terminal escape codes), ``oversize`` (an extra
     16 MiB tensor rides along), ``stall`` (the call is never answered), ``exit`` (the GPU
@@ -20,7 +21,8 @@ side (``tests/test_hostile_gpu.py`` holds the list); none lets a run exit 0.
 
 * ``call``: the call index of the plan to corrupt (``null``: every call);
 * ``after``: leave this many matching calls honest first;
-* ``seed``: which element is nudged is drawn from a generator with this seed.
+* ``seed``: which element is nudged is drawn from a generator with this seed;
+* ``size``: the relative nudge of a float element (default 1e-2).
 
 On the command line: ``server.tamper={what:element,call:7}``.
 """
@@ -53,6 +55,8 @@ class Tamper(BaseModel):
     call: int | None = Field(None, ge=0)
     after: int = Field(0, ge=0)
     seed: int = 0
+    #: How far a float element is nudged, relative to the tensor's mean magnitude.
+    size: float = Field(1e-2, gt=0)
 
     @field_validator("what", mode="before")
     @classmethod
@@ -120,7 +124,7 @@ class Tamper(BaseModel):
             value = {"nan": float("nan"), "inf": float("inf"), "huge": 1e30}.get(self.what)
             if value is None:  # element
                 scale = float(flat.float().abs().mean()) or 1.0
-                value = float(flat[i]) + 1e-3 * scale
+                value = float(flat[i]) + self.size * scale
             flat[i] = value
         else:
             flat[i] = flat[i] + 1 if int(flat[i]) < torch.iinfo(t.dtype).max else flat[i] - 1

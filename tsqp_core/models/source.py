@@ -44,8 +44,11 @@ class ModelSpec(BaseModel):
     #: A local Hugging Face checkpoint directory; for ``random`` models it replaces the
     #: random weights (so ``model=llama-3.2-1b model.path=/ckpt`` runs real weights).
     path: str | None = None
-    #: ``hf`` (tokenizer files in the checkpoint), ``llama3`` (from llama-models), ``none``.
-    tokenizer: Literal["hf", "llama3", "none"] = "none"
+    #: ``auto`` (the checkpoint directory's own tokenizer files when it has some, else none:
+    #: random token ids), ``hf`` (the directory's files, required -- but with ``path`` set it
+    #: reads as ``auto``), ``llama3`` (the directory's ``tokenizer.model``, else Meta's from
+    #: llama-models), ``none`` (random token ids).
+    tokenizer: Literal["auto", "hf", "llama3", "none"] = "auto"
     #: What ``prompt`` is when the user gives none (``null``: random token ids).
     default_prompt: str | None = None
 
@@ -112,6 +115,15 @@ def load_config(path: Path) -> Any:
             raise ModelError(f"model at {path}: {flag}=true is not supported")
     if getattr(config, "hidden_act", "silu") != "silu":
         raise ModelError(f"model at {path}: hidden_act {config.hidden_act!r} is not supported")
+    if getattr(config, "quantization_config", None):
+        raise ModelError(f"model at {path}: quantized checkpoints are not supported "
+                         "(tsqp runs float weights)")
+    from tsqp_core.ops import check_rope
+
+    try:
+        check_rope(config)
+    except ValueError as exc:
+        raise ModelError(f"model at {path}: {exc}") from None
     return config
 
 
@@ -124,6 +136,8 @@ def _llama_defaults() -> dict[str, Any]:
 
 
 def dims_of(config: Any) -> Dims:
+    from tsqp_core.ops import rope_context
+
     heads = config.num_attention_heads
     return Dims(
         layers=config.num_hidden_layers,
@@ -133,7 +147,7 @@ def dims_of(config: Any) -> Dims:
         head_dim=getattr(config, "head_dim", None) or config.hidden_size // heads,
         intermediate=config.intermediate_size,
         vocab=config.vocab_size,
-        max_positions=config.max_position_embeddings,
+        max_positions=rope_context(config),
     )
 
 
@@ -185,7 +199,10 @@ def _stamp(f: Path) -> list[int]:
 
 
 class Checkpoint:
-    """Lazy access to a checkpoint's tensors by Hugging Face name (safetensors, mmap'd)."""
+    """Lazy access to a checkpoint's tensors by Hugging Face name (safetensors, mmap'd).
+
+    Opening one refuses what tsqp cannot run (:func:`load_config`); :meth:`check_weights`
+    refuses missing or non-float weights -- both before any process starts."""
 
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
@@ -203,6 +220,19 @@ class Checkpoint:
     def names(self) -> list[str]:
         return sorted(self._where)
 
+    def check_weights(self) -> None:
+        """Every weight a forward needs is there, as a float tensor (header only: no read)."""
+        names = weight_names(OP_WEIGHTS, self.dims.layers)
+        for name in names:
+            if name == "lm_head.weight" and name not in self._where and self.tied:
+                name = "model.embed_tokens.weight"
+            if name not in self._where:
+                raise ModelError(f"checkpoint {self.path} has no tensor {name!r}")
+            dtype = self._where[name].get_slice(name).get_dtype()
+            if dtype not in FLOAT_DTYPES:
+                raise ModelError(f"checkpoint {self.path}: tensor {name!r} is {dtype}; tsqp runs "
+                                 f"float weights ({', '.join(FLOAT_DTYPES)})")
+
     def get(self, name: str, dtype: torch.dtype, device: str | torch.device = "cpu") -> torch.Tensor:
         if name == "lm_head.weight" and name not in self._where and self.tied:
             name = "model.embed_tokens.weight"
@@ -212,6 +242,9 @@ class Checkpoint:
             raise ModelError(f"checkpoint {self.path} has no tensor {name!r}") from None
         return f.get_tensor(name).to(device=device, dtype=dtype)
 
+
+#: safetensors dtypes a checkpoint's weights may have.
+FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")
 
 #: The Hugging Face weights each op needs (``{i}`` is the layer).
 OP_WEIGHTS: dict[str, tuple[str, ...]] = {

@@ -39,6 +39,13 @@ _MAX_ENCODE_CHARS = 400_000  # tiktoken panics on longer inputs
 _MAX_RUN_CHARS = 25_000  # ... and on longer runs of (non-)whitespace
 
 TOKENIZER_KINDS = ("hf", "llama3")
+#: Files that make a checkpoint directory carry its own tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")
+
+
+def tokenizer_files(directory: pathlib.Path) -> list[str]:
+    """The tokenizer files in ``directory`` (none: it has no tokenizer of its own)."""
+    return [name for name in TOKENIZER_FILES if (directory / name).is_file()]
 
 
 class Tokenizer(abc.ABC):

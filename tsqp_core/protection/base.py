@@ -37,7 +37,7 @@ import torch
 
 from tsqp_core.graph import Dims, Op
 from tsqp_core.plugins import PluginError, PluginOptions
-from tsqp_core.protocol import CallWire
+from tsqp_core.protocol import CallWire, WireTensor
 from tsqp_core.protection.random import SecureRandom
 
 if TYPE_CHECKING:
@@ -95,6 +95,11 @@ class PublicWeights:
 
     def __init__(self, ckpt: "Checkpoint") -> None:
         self._ckpt = ckpt
+
+    @property
+    def path(self) -> Any:
+        """The checkpoint directory (identifies the weights)."""
+        return self._ckpt.path
 
     def of(self, op: Op, dtype: torch.dtype = torch.float32) -> list[torch.Tensor]:
         """The weights ``op`` multiplies, in :data:`~tsqp_core.models.source.OP_WEIGHTS`
@@ -183,6 +188,15 @@ class Protection(ABC):
         """The ``protection`` section of ``results.json``."""
         return {"scheme": self.name, "threat_model": self.threat_model,
                 "params": self.options.model_dump()}
+
+    # --- attacks (tsqp_core.attack) ------------------------------------------------------------
+
+    def blind(self, spec: WireTensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """A wire tensor ``spec`` of concrete ``shape`` that carries no data: a fresh draw from
+        this scheme's own mask distribution (what crosses when the data is independent of the
+        prompt). Attacks run on such a *blind view* give the baseline a protected run must
+        match (:mod:`tsqp_core.attack`). Never drawn from the run's counted random source."""
+        raise NotImplementedError(f"protection {self.name} declares no blind view")
 
     # --- the GPU side -------------------------------------------------------------------------
 

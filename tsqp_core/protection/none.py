@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from tsqp_core.protection.base import CallSite, Protection
+from tsqp_core.protocol import WireTensor
 
 
 class NoProtection(Protection):
@@ -26,3 +27,7 @@ class NoProtection(Protection):
 
     def seen_as(self, value: str, how: str) -> str:
         return "plaintext"
+
+    def blind(self, spec: WireTensor, shape: tuple[int, ...]) -> torch.Tensor:
+        """No mask: a view that carries no data is all zeros."""
+        return torch.zeros(shape, dtype=getattr(torch, spec.dtype))

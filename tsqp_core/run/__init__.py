@@ -20,10 +20,12 @@ from tsqp_core.config import RunConfig
 from tsqp_core.run.bench import compare, measure
 from tsqp_core.run.connect import Connected, connect
 from tsqp_core.run.prepare import InputError, Prepared, prepare
-from tsqp_core.run.results import SCHEMA, add_ratios, build, summary, write_results
+from tsqp_core.run.results import (SCHEMA, add_ratios, build, check_reference,
+                                   reference_failure, reference_tolerance, summary,
+                                   write_results)
 
-__all__ = ["SCHEMA", "Connected", "InputError", "Prepared", "connect", "prepare", "run",
-           "summary"]
+__all__ = ["SCHEMA", "Connected", "InputError", "Prepared", "connect", "prepare",
+           "reference_failure", "run", "summary"]
 
 
 def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
@@ -37,8 +39,18 @@ def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
         # The GPU side is stopped by now: the monolithic model has the TEE process's threads
         # (threads.tee) to itself, as the split run's TEE side had.
         result["reference"] = compare(p, measured.outputs, server)
+        check_reference(result["reference"], reference_tolerance(p))
         add_ratios(result)
     else:
         result["reference"] = None
-    write_results(outdir, result)
+    if cfg.attack:  # after the timed part: one recorded in-process prefill pair, attacked
+        from tsqp_core.attack.harness import attack_section
+
+        try:
+            section = attack_section(cfg)
+        except Exception as exc:  # the measured run stands; say why its attack pass did not
+            section = {"error": f"{type(exc).__name__}: {exc}"}
+        result["attacks"] = section
+        result["protection"]["attacks"] = section.get("attacks")
+    write_results(outdir, result)  # also when the reference check failed: see reference_failure
     return result

@@ -66,6 +66,8 @@ class Measured:
     mid: int
     meter: ForwardMeter
     outputs: Any
+    #: The forwards one repeat runs (what the protection precomputed for).
+    forward_shapes: list[ForwardShape]
 
 
 def measure(p: Prepared, model: SplitModel) -> Measured:
@@ -77,7 +79,7 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
     meters: list[ForwardMeter] = []
     outputs: Any = None
     shapes = forward_shapes(p)
-    bar = _progress(w.warmup + w.repeats, f"{cfg.stage} {w.kind} split")
+    bar = _progress(w.warmup + w.repeats, f"{cfg.stage or 'run'} {w.kind} split")
     for i in range(w.warmup + w.repeats):
         t0 = now_ns()
         p.protection.precompute(shapes)
@@ -108,7 +110,7 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
         meters.append(meter)
     bar.close()
     mid = median_index(totals)
-    return Measured(totals, ttfts, tpots, offline, mid, meters[mid], outputs)
+    return Measured(totals, ttfts, tpots, offline, mid, meters[mid], outputs, shapes)
 
 
 def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -132,7 +134,7 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
         device = torch.device("cpu")
     ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel, device)
     totals, ttfts, tpots = [], [], []
-    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage} {w.kind} monolithic")
+    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage or 'run'} {w.kind} monolithic")
     gen = logits = None
     for i in range(w.warmup + w.repeats):
         if w.kind == "prefill":
@@ -168,7 +170,9 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
     return {"impl": f"transformers {ref.version} ({ref.attention} attention, {ref.device})",
             "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
                            "tpot": (median(tpots) / 1e6) if tpots else None,
-                           "repeats_total": [t / 1e6 for t in totals]},
+                           "repeats_total": [t / 1e6 for t in totals],
+                           "repeats_ttft": [t / 1e6 for t in ttfts],
+                           "repeats_tpot": [t / 1e6 for t in tpots]},
             # JSON has no NaN or Infinity: a non-finite difference is null, and says why
             "max_abs_logit_diff": diff if finite else None,
             **({} if finite else {"mismatch": "non-finite logits (NaN or Inf) on one side"}),

@@ -7,6 +7,7 @@ block ends, however it ends.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
@@ -71,21 +72,30 @@ def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = (),
         try:
             remote = RemoteGpu(channel, borrowed=p.transport.borrowed_frames,
                                timeout=cfg.server.timeout_s)
-            # a server we started is ready (it said so); one at server.address must answer
-            # within the connect timeout, or nothing is there
-            hello = remote.hello(
-                Hello(fingerprint=p.fingerprint, executor=cfg.executor.name, dtype=cfg.dtype,
-                      protection={"name": cfg.protection.name,
-                                  "options": dict(cfg.protection.options)},
-                      plan=plan_entries(p.schedule, p.wires),
-                      batch=batch, positions=positions),
-                timeout=(cfg.server.connect_timeout_s if cfg.server.address
-                         else cfg.server.startup_timeout_s))
+            ctx = TeeContext(p.ckpt.dims, cfg.torch_dtype, p.schedule, SecureRandom(),
+                             PublicWeights(p.ckpt))
+            hello_msg = Hello(fingerprint=p.fingerprint, executor=cfg.executor.name,
+                              dtype=cfg.dtype,
+                              protection={"name": cfg.protection.name,
+                                          "options": dict(cfg.protection.options)},
+                              plan=plan_entries(p.schedule, p.wires),
+                              batch=batch, positions=positions)
+            if side.server is not None:
+                # one process: bind first, so the GPU side's setup can reuse what the
+                # scheme prepared (public-weight residues)
+                p.protection.bind(ctx)
+                hello = remote.hello(hello_msg, timeout=cfg.server.startup_timeout_s)
+            else:
+                # two processes: the TEE binds while the GPU side sets up for the hello
+                with concurrent.futures.ThreadPoolExecutor(1) as pool:
+                    binding = pool.submit(p.protection.bind, ctx)
+                    try:
+                        hello = remote.hello(hello_msg, timeout=cfg.server.startup_timeout_s)
+                    finally:
+                        binding.result()
             if hello.dims != p.ckpt.dims.__dict__:
                 raise RemoteError(f"the GPU side reports model dimensions {hello.dims}, not "
                                   f"this model's {p.ckpt.dims.__dict__}")
-            p.protection.bind(TeeContext(p.ckpt.dims, cfg.torch_dtype, p.schedule,
-                                         SecureRandom(), PublicWeights(p.ckpt)))
             model = SplitModel(schedule=p.schedule, wires=p.wires, dims=p.ckpt.dims,
                                config=p.ckpt.config, weights=weights,
                                tee_impls=p.tee_ops.implementations(), remote=remote,

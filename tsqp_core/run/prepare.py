@@ -1,8 +1,10 @@
 """Everything a run can check before any process starts: plugins and their options, the
-model, the schedule and what the protection scheme makes of it, the prompt."""
+model (what tsqp cannot run is refused here, exit 2), the schedule and what the protection
+scheme makes of it, the tokenizer and the prompt."""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,8 @@ from typing import Any
 import torch
 
 from tsqp_core.config import ConfigError, RunConfig, resolve_device
-from tsqp_core.models.source import Checkpoint, fingerprint, resolve
+from tsqp_core.models.source import Checkpoint, ModelError, ModelSpec, fingerprint, resolve
+from tsqp_core.ops import rope_parameters
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.protocol import CallWire
 from tsqp_core.schedule import Schedule, build_schedule
@@ -40,6 +43,8 @@ class Prepared:
     wires: list[CallWire]
     prompt: torch.Tensor
     tokenizer: Any
+    #: What the model section of results.json says about the checkpoint and the prompt.
+    model_info: dict[str, Any]
 
     @property
     def positions(self) -> int:
@@ -73,20 +78,49 @@ def prepare(cfg: RunConfig) -> Prepared:
         except TransportError as exc:
             raise ConfigError(f"server.address: {exc}") from None
     model_dir = resolve(cfg.model)
-    ckpt = Checkpoint(model_dir)
+    ckpt = Checkpoint(model_dir)  # refuses unsupported configs (RoPE type, biases, ...)
+    ckpt.check_weights()
     schedule = build_schedule(ckpt.dims.layers, objs["partition"].gpu_ops(), grouping)
     objs["protection"].check(schedule)
     wires = [objs["protection"].wire(call, call.plain_wire(ckpt.dims, cfg.dtype))
              for call in schedule.calls]
-    tokenizer = None
-    if cfg.model.tokenizer != "none":
-        from tsqp_core.models.tokenizers import load_tokenizer
-
-        tokenizer = load_tokenizer(cfg.model.tokenizer, model_dir)
-    prompt = make_prompt(cfg, ckpt, tokenizer)
+    tokenizer, tokenizer_note = choose_tokenizer(cfg.model, model_dir)
+    prompt, prompt_note = make_prompt(cfg, ckpt, tokenizer)
+    if cfg.model.path is not None:  # a user's checkpoint: say what the prompt became
+        print(f"tsqp: checkpoint {model_dir}: {tokenizer_note}; {prompt_note}", file=sys.stderr)
+    digest = fingerprint(model_dir)
+    info = {"name": cfg.model.name, "path": str(model_dir), "fingerprint": digest,
+            "source": "checkpoint" if cfg.model.path is not None else cfg.model.source,
+            "rope": rope_parameters(ckpt.config)["rope_type"],
+            "tokenizer": tokenizer_note, "prompt": prompt_note}
     return Prepared(cfg, executor=executor, grouping=grouping, model_dir=model_dir, ckpt=ckpt,
-                    fingerprint=fingerprint(model_dir), schedule=schedule, wires=wires,
-                    prompt=prompt, tokenizer=tokenizer, **objs)
+                    fingerprint=digest, schedule=schedule, wires=wires, prompt=prompt,
+                    tokenizer=tokenizer, model_info=info, **objs)
+
+
+def choose_tokenizer(spec: ModelSpec, model_dir: Path) -> tuple[Any, str]:
+    """The tokenizer, and one line saying where it came from (or why there is none).
+
+    A checkpoint given by ``model.path`` brings its own tokenizer or none: ``hf`` then reads
+    as ``auto`` (the directory's files when present, else random token ids)."""
+    from tsqp_core.models.tokenizers import TOKENIZER_FILES, load_tokenizer, tokenizer_files
+
+    kind = spec.tokenizer
+    if kind == "auto" or (kind == "hf" and spec.path is not None):
+        files = tokenizer_files(model_dir)
+        if not files:
+            return None, f"no tokenizer in the directory (none of {', '.join(TOKENIZER_FILES)})"
+        kind, where = "hf", f"tokenizer from the directory ({', '.join(files)})"
+    elif kind == "none":
+        return None, "no tokenizer (model.tokenizer=none)"
+    else:
+        where = f"{kind} tokenizer"
+    try:
+        return load_tokenizer(kind, model_dir), where
+    except Exception as exc:  # transformers / tiktoken: any failure to read the files
+        raise ModelError(f"cannot load the {kind} tokenizer for {model_dir}: "
+                         f"{type(exc).__name__}: {exc} (model.tokenizer=none runs on random "
+                         "token ids)") from None
 
 
 def executor_grouping(cfg: RunConfig) -> tuple[Any, str]:
@@ -111,13 +145,19 @@ def executor_grouping(cfg: RunConfig) -> tuple[Any, str]:
     return executor, executor.grouping
 
 
-def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> torch.Tensor:
+def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> tuple[torch.Tensor, str]:
+    """The prompt's token ids and one line saying what they are. Text needs a tokenizer: a
+    prompt the user wrote is refused without one; the model preset's default prompt gives
+    way to seeded random ids."""
     w = cfg.workload
-    if cfg.prompt is not None and w.kind != "bench":  # a benchmark times shapes, not text
-        if tokenizer is None:
-            raise InputError(f"model '{cfg.model.name}' has no tokenizer; drop prompt= to use "
-                             "random token ids")
-        ids = tokenizer.encode(cfg.prompt)
+    text = cfg.prompt if w.kind != "bench" else None  # a benchmark times shapes, not text
+    if text is not None and tokenizer is None:
+        if text != cfg.model.default_prompt:
+            raise InputError(f"model '{cfg.model.path or cfg.model.name}' has no tokenizer; "
+                             "drop prompt= (or prompt=null) to use random token ids")
+        text = None
+    if text is not None:
+        ids = tokenizer.encode(text)
         if not ids:
             raise InputError("the prompt encodes to no tokens")
         bad = sorted({i for i in ids if not 0 <= i < ckpt.dims.vocab})
@@ -126,11 +166,14 @@ def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> torch.Tenso
                              f"vocabulary of {ckpt.dims.vocab}: tokenizer and model do not "
                              "match")
         prompt = torch.tensor([ids] * w.batch, dtype=torch.int64)
+        note = f"prompt text of {len(ids)} tokens"
     else:
         gen = torch.Generator().manual_seed(cfg.seed)
         prompt = torch.randint(0, ckpt.dims.vocab, (w.batch, w.prompt_tokens), generator=gen)
+        note = (f"the prompt is {w.prompt_tokens} seeded random token ids "
+                f"(workload.prompt_tokens, seed {cfg.seed})")
     need = prompt.shape[1] + (w.new_tokens if w.kind in ("generate", "bench") else 0)
     if need > ckpt.dims.max_positions:
         raise InputError(f"prompt of {prompt.shape[1]} tokens + {need - prompt.shape[1]} new "
                          f"tokens exceeds the model's context of {ckpt.dims.max_positions}")
-    return prompt
+    return prompt, note

@@ -1,8 +1,9 @@
-"""``results.json`` (the contract of DESIGN.md section 5) and the summary a run prints."""
+"""``results.json`` (the run contract: README, "results.json") and the summary a run prints."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 from pathlib import Path
@@ -11,7 +12,7 @@ from typing import Any
 import torch
 
 from tsqp_core import __version__
-from tsqp_core.metrics import median
+from tsqp_core.metrics import median, ratio_spread
 from tsqp_core.run.bench import Measured
 from tsqp_core.run.prepare import Prepared
 
@@ -39,10 +40,12 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "config": {"stage": cfg.stage, "transport": cfg.transport.name,
                    "executor": cfg.executor.name, "partition": cfg.partition.name,
                    "protection": cfg.protection.name, "tee_ops": cfg.tee_ops.name,
-                   "model": cfg.model.name, "dtype": cfg.dtype,
+                   "model": cfg.model.path or cfg.model.name, "dtype": cfg.dtype,
                    "device": server.get("device", cfg.device),
                    "threads": cfg.threads.model_dump()},
         "server": server,
+        # the checkpoint every side read: where it is and a hash of its contents
+        "model": p.model_info,
         "workload": {"kind": w.kind, "batch": w.batch, "prompt_tokens": int(p.prompt.shape[1]),
                      "new_tokens": w.new_tokens if w.kind in ("generate", "bench") else 0,
                      "warmup": w.warmup, "repeats": w.repeats},
@@ -50,9 +53,12 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": {"total": m.totals[mid] / 1e6, "ttft": median(m.ttfts) / 1e6,
                        "tpot": (median(m.tpots) / 1e6) if m.tpots else None,
                        "breakdown": breakdown,
-                       "repeats_total": [t / 1e6 for t in m.totals]},
+                       "repeats_total": [t / 1e6 for t in m.totals],
+                       "repeats_ttft": [t / 1e6 for t in m.ttfts],
+                       "repeats_tpot": [t / 1e6 for t in m.tpots]},
         "protection": {**p.protection.report(), "online_ms": breakdown["protect"],
-                       "offline_ms": offline_ms},
+                       "offline_ms": offline_ms,
+                       "offline_ms_per_forward": offline_ms / len(m.forward_shapes)},
         "exposure": p.schedule.exposure(p.protection),
         "output_text": None,
         "host": host(),
@@ -68,25 +74,76 @@ def _ratio(split: float | None, mono: float | None) -> float | None:
     return split / mono if split is not None and mono else None
 
 
+def _per_call_us(split: float | None, mono: float | None, calls: int) -> float | None:
+    """What each call adds: ``(split - monolithic) / calls per forward``, in microseconds."""
+    return (split - mono) * 1e3 / calls if split is not None and mono is not None and calls \
+        else None
+
+
 def add_ratios(result: dict[str, Any]) -> None:
-    """``ratio`` (split / monolithic for total, ttft, tpot) wherever both times exist, and for
-    ``bench`` the ``bench`` section: prefill and per-token decode, split, monolithic, ratio."""
+    """``ratio`` (split / monolithic for total, ttft, tpot, medians of each side) wherever
+    both times exist, ``ratio_spread`` (min, median, max of the per-repeat ratios), and for
+    ``bench`` the ``bench`` section: prefill and per-token decode, split, monolithic, ratio,
+    and the per-call overhead ``(split - monolithic) / calls per forward``."""
     lat, ref = result["latency_ms"], result["reference"]["latency_ms"]
     result["ratio"] = {k: _ratio(lat.get(k), ref.get(k)) for k in ("total", "ttft", "tpot")}
+    result["ratio_spread"] = {k: ratio_spread(lat.get(f"repeats_{k}") or [],
+                                              ref.get(f"repeats_{k}") or [])
+                              for k in ("total", "ttft", "tpot")}
     if result["workload"]["kind"] != "bench":
         return
     threads = result["config"]["threads"]
+    calls = result["rpc"]["calls_per_forward"]
     result["bench"] = {
         "prefill_ms": {"split": lat["ttft"], "monolithic": ref["ttft"],
-                       "ratio": result["ratio"]["ttft"]},
+                       "ratio": result["ratio"]["ttft"],
+                       "ratio_spread": result["ratio_spread"]["ttft"]},
         "decode_ms_per_token": {"split": lat["tpot"], "monolithic": ref["tpot"],
-                                "ratio": result["ratio"]["tpot"]},
+                                "ratio": result["ratio"]["tpot"],
+                                "ratio_spread": result["ratio_spread"]["tpot"]},
         "total_ms": {"split": lat["total"], "monolithic": ref["total"],
                      "ratio": result["ratio"]["total"]},
+        "per_call_overhead_us": {"prefill": _per_call_us(lat["ttft"], ref["ttft"], calls),
+                                 "decode": _per_call_us(lat["tpot"], ref["tpot"], calls),
+                                 "calls_per_forward": calls},
         "decode_steps": result["workload"]["new_tokens"],
         "threads": {"split_tee": threads["tee"], "split_gpu": threads["gpu"],
                     "monolithic": threads["tee"]},
     }
+
+
+def reference_tolerance(p: Prepared) -> float:
+    """The run's declared tolerance: ``reference_tolerance`` for its dtype, plus what the
+    protection scheme declares it may move the logits by."""
+    dtype = p.cfg.dtype
+    return (float(getattr(p.cfg.reference_tolerance, dtype))
+            + float(p.protection.tolerance.get(dtype, 0.0)))
+
+
+def check_reference(reference: dict[str, Any], tolerance: float) -> None:
+    """The reference gate: ``passed`` when max |Δlogit| is a number within ``tolerance`` and
+    the greedy tokens match (a NaN or an infinity never passes)."""
+    diff = reference["max_abs_logit_diff"]
+    within = isinstance(diff, (int, float)) and math.isfinite(diff) and diff <= tolerance
+    reference["tolerance"] = tolerance
+    reference["passed"] = bool(within and reference["tokens_match"] is True)
+
+
+def reference_failure(result: dict[str, Any]) -> str | None:
+    """One line saying why the reference check failed, or ``None`` when it passed (or did
+    not run)."""
+    ref = result.get("reference")
+    if not ref or ref.get("passed", True):
+        return None
+    why = []
+    diff, tol = ref["max_abs_logit_diff"], ref["tolerance"]
+    if diff is None:  # a non-finite logit: JSON holds null and the reason
+        why.append(f"max |dlogit| not a number ({ref.get('mismatch', 'non-finite logits')})")
+    elif not (isinstance(diff, (int, float)) and math.isfinite(diff) and diff <= tol):
+        why.append(f"max |dlogit| {diff:.3g} > {tol:.3g} ({result['config']['dtype']} tolerance)")
+    if ref["tokens_match"] is not True:
+        why.append("greedy tokens differ")
+    return "reference check failed: " + " and ".join(why) + " against " + ref["impl"]
 
 
 def write_results(outdir: Path, result: dict[str, Any]) -> Path:
@@ -103,7 +160,8 @@ def summary(result: dict[str, Any]) -> str:
     c, w, r, lat = result["config"], result["workload"], result["rpc"], result["latency_ms"]
     server = result.get("server") or {}
     lines = [
-        f"tsqp {c['stage']}: transport={c['transport']} executor={c['executor']} "
+        (f"tsqp {c['stage']}: " if c.get("stage") else "tsqp: ")
+        + f"transport={c['transport']} executor={c['executor']} "
         f"partition={c['partition']} protection={c['protection']} model={c['model']} "
         f"dtype={c['dtype']} device={c['device']}"
         + (f" attention={server['attention']}" if server.get("attention") else ""),
@@ -130,9 +188,12 @@ def summary(result: dict[str, Any]) -> str:
         lines.append(f"gpu side sees masked ({how}): " + "; ".join(sorted(tensors)))
     integrity = prot.get("integrity")
     if integrity:
+        how = (f"soundness 2^-{integrity['soundness_bits']} per row"
+               if integrity.get("soundness_bits") else integrity.get("kind", ""))
+        unverified = integrity.get("unverified_calls")
         lines.append(f"integrity: {integrity['checks']} products checked "
-                     f"({integrity['rows_checked']} rows), {integrity['failed']} failed, "
-                     f"soundness 2^-{integrity['soundness_bits']} per row")
+                     f"({integrity['rows_checked']} rows), {integrity['failed']} failed, {how}"
+                     + (f"; {unverified} calls not verifiable" if unverified else ""))
     ref = result.get("reference")
     if ref:
         ratio = (result.get("ratio") or {}).get("total")
@@ -140,12 +201,23 @@ def summary(result: dict[str, Any]) -> str:
         diff_text = f"{diff:.3g}" if diff is not None else f"n/a ({ref.get('mismatch')})"
         lines.append(f"reference ({ref['impl']}): max |dlogit| {diff_text}, "
                      f"tokens match: {ref['tokens_match']}, total {ref['latency_ms']['total']:.1f} ms"
-                     + (f", split/monolithic {ratio:.2f}x" if ratio else ""))
+                     + (f", split/monolithic {ratio:.2f}x" if ratio else "")
+                     + ("" if ref.get("passed", True) else " -- FAILED"))
+    if result.get("attacks"):
+        from tsqp_core.attack.harness import summary_line
+
+        lines.append(summary_line(result["attacks"]))
     bench = result.get("bench")
     if bench:
         for key, what in (("prefill_ms", "prefill"), ("decode_ms_per_token", "decode/token")):
             b = bench[key]
             if b["split"] is not None and b["monolithic"] is not None:
+                spread = b.get("ratio_spread")
+                per_call = bench["per_call_overhead_us"][
+                    "prefill" if key == "prefill_ms" else "decode"]
                 lines.append(f"bench {what}: split {b['split']:.2f} ms, monolithic "
-                             f"{b['monolithic']:.2f} ms, split/monolithic {b['ratio']:.2f}x")
+                             f"{b['monolithic']:.2f} ms, split/monolithic {b['ratio']:.2f}x"
+                             + (f" (repeats {spread['min']:.2f}-{spread['max']:.2f}x)"
+                                if spread else "")
+                             + (f", {per_call:.0f} us per call" if per_call is not None else ""))
     return "\n".join(lines)

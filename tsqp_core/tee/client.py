@@ -11,6 +11,7 @@ the protection scheme opens them (:mod:`tsqp_core.tee.validate`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -70,6 +71,7 @@ class RemoteGpu:
         return reply, frames, t1 - t0, t2 - t1, now_ns() - t2
 
     def hello(self, hello: Hello, timeout: float | None = None) -> HelloReply:
+        self._hello, self._hello_timeout = hello, timeout
         reply, *_ = self._exchange(hello, timeout=timeout)
         try:
             parsed = HelloReply.parse(reply.header)
@@ -81,6 +83,16 @@ class RemoteGpu:
             [e.wire for e in hello.plan], hello.batch, hello.positions, "reply"))
         self.batch, self.positions = hello.batch, hello.positions
         return parsed
+
+    def widen(self, batch: int, positions: int) -> None:
+        """Say hello again, declaring at least ``batch`` and ``positions`` (a forward beyond
+        what the last hello declared): the GPU side makes a plan with the larger limits;
+        sessions, which belong to the connection, go on."""
+        if self.plan_id is None:
+            raise RemoteError("widen before hello")
+        self.hello(dataclasses.replace(self._hello, batch=max(batch, self.batch),
+                                       positions=max(positions, self.positions)),
+                   self._hello_timeout)
 
     def ping(self, timeout: float | None = None) -> None:
         self._exchange(Ping(), timeout=timeout)

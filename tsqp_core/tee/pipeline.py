@@ -68,9 +68,10 @@ class SplitModel:
                              f"{self.dims.max_positions}")
         remote = self.remote
         if batch > remote.batch or session.past + tokens > remote.positions:
-            raise ValueError(f"a forward of batch {batch} over {session.past + tokens} "
-                             f"positions is beyond what the hello declared ({remote.batch}, "
-                             f"{remote.positions}): connect(batch=, positions=)")
+            # beyond what the hello declared (the workload's shapes): declare more, growing
+            # in steps so that a long generation says hello a few times, not every token
+            remote.widen(batch, min(self.dims.max_positions,
+                                    max(session.past + tokens, 2 * remote.positions)))
         self.forwards += 1
         env: dict[str, torch.Tensor] = {
             "ids": ids, "pos": torch.arange(session.past, session.past + tokens)}

@@ -85,8 +85,10 @@ class FusedBackend(Backend):
                     self.gate_up[i] = torch.cat([ckpt.get(p + f"mlp.{n}_proj.weight", dtype, device)
                                                  for n in ("gate", "up")])
             # half-width RoPE tables for every position (cos and sin repeat across halves),
-            # computed like transformers: fp32, then cast. 1B shape: 131072 x 32 x 2 bf16 = 16 MB
-            half, n = d.head_dim // 2, d.max_positions if "rope" in kinds else 0
+            # computed like transformers: fp32, then cast. 1B shape: 131072 x 32 x 2 bf16 = 16 MB.
+            # Dynamic RoPE's frequencies follow the longest sequence seen: no fixed table.
+            half = d.head_dim // 2
+            n = d.max_positions if "rope" in kinds and not self.rope.dynamic else 0
             cos, sin = self.rope.cos_sin(torch.arange(n, device=device), dtype)
             self._cos, self._sin = cos[:, :half].contiguous(), sin[:, :half].contiguous()
         self._programs: dict[int, tuple[Sequence[Op], list[Step]]] = {}
@@ -244,6 +246,10 @@ class FusedBackend(Backend):
         """Half-width RoPE tables ``[1, T, 1, d/2]`` at ``pos``. On the CPU an out-of-range
         position is an IndexError here; on a device, :func:`check_positions` ran first."""
         t = pos.shape[0]
+        if self.rope.dynamic:
+            half = self.dims.head_dim // 2
+            cos, sin = self.rope.cos_sin(pos, self.dtype)
+            return cos[:, :half].reshape(1, t, 1, -1), sin[:, :half].reshape(1, t, 1, -1)
         return (self._cos.index_select(0, pos).view(1, t, 1, -1),
                 self._sin.index_select(0, pos).view(1, t, 1, -1))
 

@@ -888,6 +888,7 @@ class ShmTransport(Transport):
 
     name = "shm"
     Options = ShmOptions
+    size_limit_option = "arena_bytes"
     borrowed_frames = True
 
     def listen(self, address: str | None = None) -> ShmServer:

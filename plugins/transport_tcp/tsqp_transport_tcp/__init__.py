@@ -21,8 +21,10 @@ frame is dropped by ZeroMQ before it is buffered (the connection with it).
 Liveness: the client polls in short slices, so a dead server child is reported by the
 watchdog at once and a silent one after ``timeout``; after a timeout the client's socket is
 rebuilt (the "lazy pirate" pattern), so a late reply to an abandoned request can never be
-mistaken for the answer to the next one. A timeout names what the client last saw of the
-connection (refused, handshake failed: not authorised, ...), from a socket monitor.
+mistaken for the answer to the next one. A socket monitor follows the connection: a client
+that has not connected for ``connect_timeout_s`` (nobody listening, host unreachable, a
+server gone) or whose key the server refused fails at once with what it saw, not after the
+request's timeout.
 """
 
 from __future__ import annotations
@@ -39,8 +41,9 @@ from pydantic import Field
 
 from tsqp_core import hookimpl
 from tsqp_core.plugins import PluginOptions
-from tsqp_core.transport import (ClientChannel, Frames, Peer, PeerDead, PeerTimeout,
-                                 ServerChannel, Transport, TransportError, Watchdog)
+from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, Peer, PeerDead,
+                                 PeerTimeout, ServerChannel, Transport, TransportError,
+                                 Watchdog)
 from tsqp_transport_tcp import curve
 
 POLL_S = 0.05
@@ -57,11 +60,23 @@ class TcpOptions(PluginOptions):
     #: Serve other hosts in plaintext, with no authentication: anyone who can reach the port
     #: can use the server and read every tensor. Only on a network you fully control.
     insecure_remote_plaintext: bool = False
-    #: ZeroMQ's per-frame limit on both sides: a bigger frame is dropped (with its
-    #: connection) before it is buffered.
+    #: The largest frame either side sends (MessageTooLarge before sending) or accepts
+    #: (ZeroMQ drops a bigger frame, with its connection, before it is buffered).
     max_frame_bytes: int = Field(1 << 30, gt=0)
     #: pyzmq copies frames smaller than this rather than pinning them.
     copy_threshold: int = Field(1 << 16, ge=0)
+    #: A client that cannot connect (refused, unreachable, handshake failing) for this long
+    #: gives up with what it saw, whatever the request's own timeout.
+    connect_timeout_s: float = Field(10.0, gt=0)
+
+
+def _check_size(frames: Frames, limit: int) -> None:
+    """Too large is an error before anything is sent, never a dropped connection."""
+    for i, frame in enumerate(frames):
+        size = memoryview(frame).nbytes
+        if size > limit:
+            raise MessageTooLarge(f"frame {i} is {size} bytes; transport.options.max_frame_bytes "
+                                  f"is {limit}")
 
 
 def is_loopback(address: str) -> bool:
@@ -107,6 +122,7 @@ class TcpServer(ServerChannel):
         self._sock = ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.MAXMSGSIZE, options.max_frame_bytes)
+        self._limit = options.max_frame_bytes
         self._sock.copy_threshold = options.copy_threshold
         self._monitor = self._sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
         #: descriptor -> the peer last seen on it (a closed connection's peer departs)
@@ -125,10 +141,6 @@ class TcpServer(ServerChannel):
             raise TransportError(f"cannot bind {address}: {exc}") from None
         self.address = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
         self._ipc_path = self.address[len("ipc://"):] if self.address.startswith("ipc://") else None
-        self._poller = zmq.Poller()
-        self._poller.register(self._sock, zmq.POLLIN)
-        if self._zap:
-            self._poller.register(self._zap.sock, zmq.POLLIN)
         self._answer: bytes | None = None
         self._departed: list[Peer] = []
         self._closed = False
@@ -137,10 +149,7 @@ class TcpServer(ServerChannel):
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             left = None if deadline is None else max(0.0, deadline - time.monotonic())
-            ready = dict(self._poller.poll(None if left is None else int(left * 1000)))
-            if self._zap and self._zap.sock in ready:
-                self._zap.handle()
-            if self._sock in ready:
+            if self._sock.poll(None if left is None else int(left * 1000), zmq.POLLIN):
                 parts = self._sock.recv_multipart(copy=False)
                 if len(parts) < 2:
                     continue
@@ -160,6 +169,7 @@ class TcpServer(ServerChannel):
     def send(self, frames: Frames) -> None:
         if self._answer is None:
             raise TransportError("send() without a request to answer")
+        _check_size(frames, self._limit)  # the request stays answerable (a small error)
         self._sock.send_multipart([self._answer, *frames], copy=False)
         self._answer = None
 
@@ -215,6 +225,10 @@ _EVENTS = {
 _FAILURES = (zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL, zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL,
              zmq.EVENT_HANDSHAKE_FAILED_AUTH)
 _FAILURE_NAMES = {_EVENTS[e] for e in _FAILURES}
+#: Failures that another try will not mend: the server refused this client (or spoke
+#: another mechanism). A refused TCP connect is retried until the connect timeout.
+_REFUSED_NAMES = {_EVENTS[zmq.EVENT_HANDSHAKE_FAILED_AUTH],
+                  _EVENTS[zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL]}
 
 
 class TcpClient(ClientChannel):
@@ -227,6 +241,9 @@ class TcpClient(ClientChannel):
         self._ctx = zmq.Context()
         self._last_event: str | None = None
         self._sock, self._monitor = self._socket()
+        #: Whether the connection is up (handshake done), and since when it has not been.
+        self._connected = False
+        self._waiting_since = time.monotonic()
         self._closed = False
 
     def _socket(self) -> tuple[zmq.Socket, zmq.Socket]:
@@ -254,6 +271,13 @@ class TcpClient(ClientChannel):
             name = _EVENTS.get(event["event"])
             if name is None:
                 continue
+            if event["event"] == zmq.EVENT_HANDSHAKE_SUCCEEDED:
+                self._connected = True
+            elif event["event"] == zmq.EVENT_DISCONNECTED and self._connected:
+                self._connected = False
+                self._waiting_since = time.monotonic()
+            elif event["event"] in _FAILURES:
+                self._connected = False
             # a handshake failure says more than the disconnect and retry that follow it
             if event["event"] in _FAILURES or self._last_event not in _FAILURE_NAMES:
                 self._last_event = name
@@ -263,6 +287,7 @@ class TcpClient(ClientChannel):
             raise TransportError("channel is closed")
         if not frames:
             raise TransportError("a message needs at least one frame")
+        _check_size(frames, self.options.max_frame_bytes)
         self._sock.send_multipart(list(frames), copy=False)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
@@ -272,6 +297,15 @@ class TcpClient(ClientChannel):
             if reason:
                 self._reset()
                 raise PeerDead(f"{self.address}: {reason}")
+            self._events()
+            now = time.monotonic()
+            if not self._connected and (
+                    self._last_event in _REFUSED_NAMES
+                    or now - self._waiting_since >= self.options.connect_timeout_s):
+                seen = self._last_event or "nothing answered at that address"
+                self._reset()
+                raise PeerDead(f"cannot reach {self.address}: {seen} (transport.options."
+                               f"connect_timeout_s={self.options.connect_timeout_s:g})")
             if deadline is not None and time.monotonic() >= deadline:
                 self._events()
                 seen = f"; last seen: {self._last_event}" if self._last_event else \
@@ -283,6 +317,8 @@ class TcpClient(ClientChannel):
     def _reset(self) -> None:
         self._close_sockets()
         self._last_event = None
+        self._connected = False
+        self._waiting_since = time.monotonic()
         self._sock, self._monitor = self._socket()
 
     def _close_sockets(self) -> None:
@@ -303,6 +339,7 @@ class TcpClient(ClientChannel):
 class TcpTransport(Transport):
     name = "tcp"
     Options = TcpOptions
+    size_limit_option = "max_frame_bytes"
 
     def listen(self, address: str | None = None) -> TcpServer:
         opts: TcpOptions = self.options  # type: ignore[assignment]

@@ -29,6 +29,7 @@ import argparse
 import os
 import stat
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -128,39 +129,59 @@ def client_socket(sock: zmq.Socket, keys: ClientKeys) -> None:
 class Zap:
     """The ZAP handler (RFC 27) of one server context: a client key in the allow-list gets
     ``200`` with its Z85 public key as the user id (which every request then carries as
-    ``User-Id``); anything else ``400``. Bound before the server socket, answered from the
-    server's own receive loop (:meth:`handle`), so no thread is involved."""
+    ``User-Id``); anything else ``400``. Its own thread answers, bound before the server
+    socket, so a handshake never waits for the server's loop (which may be busy with a long
+    call of another client)."""
+
+    POLL_MS = 100
 
     def __init__(self, ctx: zmq.Context, keys: ServerKeys) -> None:
         self.allowed = keys.allowed
-        self.sock = ctx.socket(zmq.REP)
-        self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(ZAP_ENDPOINT)
         self.refused = 0
+        self._ctx = ctx
+        self._stop = threading.Event()
+        self._bound = threading.Event()
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, daemon=True, name="tsqp-zap")
+        self._thread.start()
+        self._bound.wait()
+        if self._error is not None:
+            raise self._error
 
-    def handle(self) -> None:
-        """Answer the ZAP requests waiting (never blocks)."""
-        while True:
-            try:
-                msg = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if len(msg) < 6:  # REP must answer every request: a malformed one gets 400
-                self.sock.send_multipart([b"1.0", msg[1] if len(msg) > 1 else b"", b"400",
-                                          b"malformed ZAP request", b"", b""])
-                continue
-            _version, request_id, _domain, _address, _identity, mechanism = msg[:6]
-            key = zmq.utils.z85.encode(msg[6]) if mechanism == b"CURVE" and len(msg) > 6 \
-                and len(msg[6]) == 32 else None
-            if key is not None and key in self.allowed:
-                self.sock.send_multipart([b"1.0", request_id, b"200", b"OK", key, b""])
-            else:
-                self.refused += 1
-                self.sock.send_multipart([b"1.0", request_id, b"400",
-                                          b"client key not authorised", b"", b""])
+    def _run(self) -> None:
+        try:
+            sock = self._ctx.socket(zmq.REP)  # used by this thread only
+            sock.setsockopt(zmq.LINGER, 0)
+            sock.bind(ZAP_ENDPOINT)
+        except zmq.ZMQError as exc:
+            self._error = exc
+            self._bound.set()
+            return
+        self._bound.set()
+        try:
+            while not self._stop.is_set():
+                if sock.poll(self.POLL_MS):
+                    sock.send_multipart(self.answer(sock.recv_multipart()))
+        finally:
+            sock.close(linger=0)
+
+    def answer(self, msg: list[bytes]) -> list[bytes]:
+        """The reply to one ZAP request (REP must answer each one, malformed ones too)."""
+        if len(msg) < 6:
+            return [b"1.0", msg[1] if len(msg) > 1 else b"", b"400", b"malformed ZAP request",
+                    b"", b""]
+        _version, request_id, _domain, _address, _identity, mechanism = msg[:6]
+        key = zmq.utils.z85.encode(msg[6]) if mechanism == b"CURVE" and len(msg) > 6 \
+            and len(msg[6]) == 32 else None
+        if key is not None and key in self.allowed:
+            return [b"1.0", request_id, b"200", b"OK", key, b""]
+        self.refused += 1
+        return [b"1.0", request_id, b"400", b"client key not authorised", b"", b""]
 
     def close(self) -> None:
-        self.sock.close(linger=0)
+        """Stop the thread (its socket closes with it); before the context terminates."""
+        self._stop.set()
+        self._thread.join()
 
 
 # --- python -m tsqp_core keys DIR ---------------------------------------------------------------

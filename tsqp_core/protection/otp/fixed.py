@@ -20,7 +20,10 @@ import torch
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_int, s)``: int64 ``x_int`` of ``x``'s shape and per-row int64 exponents ``s``
     (``x.shape[:-1]``) with ``x ~= x_int * 2**-s`` and ``|x_int| <= 2**(bits-1)``."""
-    x = x.to(torch.float64)
+    # exact in float32 up to 24 bits (a power-of-two scale, then rounding to an integer
+    # below 2**24); more bits need float64
+    x = x.to(torch.float32 if bits <= 24 and x.dtype in (torch.float32, torch.bfloat16,
+                                                          torch.float16) else torch.float64)
     peak = x.abs().amax(dim=-1)
     _, e = torch.frexp(peak)  # peak < 2**e (0 -> e = 0)
     s = (bits - 1) - e.to(torch.int64)

@@ -22,6 +22,8 @@ run as float64 GEMMs on limbs small enough that every partial sum is an integer 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 Q = (1 << 61) - 1
@@ -30,16 +32,25 @@ SOUNDNESS_BITS = 61
 _BLOCK = 1 << 14
 
 
-def _shift_mod(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """``x * 2**bits mod Q`` for ``x`` in ``[0, Q)``, in steps of at most 16 bits (each step:
-    ``x = hi * 2**(61-b) + lo`` gives ``x * 2**b == hi + lo * 2**b``, as ``2**61 == 1``)."""
-    while bits > 0:
-        b = min(bits, 16)
-        hi, lo = x >> (61 - b), x & ((1 << (61 - b)) - 1)
-        x = hi + (lo << b)
-        x = torch.where(x >= Q, x - Q, x)
-        bits -= b
-    return x
+@functools.lru_cache(maxsize=16)
+def _shifts(bits: tuple[int, ...]) -> torch.Tensor:
+    return torch.tensor(bits, dtype=torch.int64)
+
+
+def _weighted_sum_mod(parts: torch.Tensor, shifts: list[int]) -> torch.Tensor:
+    """``sum_i parts[..., i] * 2**shifts[i] mod Q`` for int64 ``parts`` of any sign.
+
+    Each term: ``x = remainder(parts, Q) < 2**61``, written ``x = hi * 2**(61-s) + lo``, is
+    ``hi + lo * 2**s`` modulo ``Q`` (``2**61 == 1``), a value below ``2**62``; four reduced
+    terms sum below ``2**63``."""
+    s = _shifts(tuple(b % 61 for b in shifts))
+    x = torch.remainder(parts, Q)
+    hi, lo = x >> (61 - s), x & ((1 << (61 - s)) - 1)
+    terms = torch.remainder(hi + (lo << s), Q)
+    total = torch.zeros(parts.shape[:-1], dtype=torch.int64)
+    for start in range(0, terms.shape[-1], 4):
+        total = torch.remainder(total + torch.remainder(terms[..., start:start + 4].sum(-1), Q), Q)
+    return total
 
 
 def _limbs(x: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -51,11 +62,7 @@ def _limbs(x: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 def _combine(parts: torch.Tensor, bits: int) -> torch.Tensor:
     """``sum_i parts[..., i] * 2**(bits*i) mod Q`` for integer ``parts`` (int64, or float64
     holding exact integers)."""
-    parts = parts.to(torch.int64)
-    total = torch.zeros(parts.shape[:-1], dtype=torch.int64)
-    for i in range(parts.shape[-1]):
-        total = torch.remainder(total + _shift_mod(torch.remainder(parts[..., i], Q), bits * i), Q)
-    return total
+    return _weighted_sum_mod(parts.to(torch.int64), [bits * i for i in range(parts.shape[-1])])
 
 
 def probe(n: int, rng) -> torch.Tensor:
@@ -82,12 +89,13 @@ def left(y_int: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
     """``Y s mod Q`` per row, ``Y`` ``[R, N]`` (any int64), ``s`` ``[N]`` in ``[0, Q)``."""
     y = torch.remainder(y_int, Q)
     s16 = _limbs(s, 16, 4)  # [N, 4]
-    total = torch.zeros(y_int.shape[0], dtype=torch.int64)
-    for a in range(4):
-        ya = ((y >> (16 * a)) & 0xFFFF).to(torch.float64)
-        parts = ya @ s16  # [R, 4]: limb a of y against the limbs of s, each < 2**53
-        total = torch.remainder(total + _shift_mod(_combine(parts, 16), 16 * a), Q)
-    return total
+    # parts[r, a, b] = sum_j limb_a(y_rj) limb_b(s_j): each below 2**53, exact
+    parts = torch.stack([((y >> (16 * a)) & 0xFFFF).to(torch.float64) @ s16 for a in range(4)],
+                        dim=1).to(torch.int64)
+    # group by a + b (the power of 2**16 each part carries): 7 sums, each below 2**55
+    groups = torch.stack([sum(parts[:, a, c - a] for a in range(max(0, c - 3), min(c, 3) + 1))
+                          for c in range(7)], dim=-1)
+    return _weighted_sum_mod(groups, [16 * c for c in range(7)])
 
 
 def right(x_int: torch.Tensor, w_s: torch.Tensor) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 Loaded lazily, on the GPU side only, when a client asks for ``otp`` at hello. The weights are
 quantised and reduced modulo each prime on the CPU exactly as the TEE side does
-(:func:`~.weights.quantize_weight`), then kept on the device as int8 ``[k, K, N]``: ``k``
+(:func:`~.weights.quantized`), then kept on the device as int8 ``[k, K, N]``: ``k``
 bytes per parameter. A call's one input is the ``k`` masked residues of its input rows; its
 one output the ``k`` residues of the masked product. Nothing here ever sees a scale, a mask
 or a plaintext value.
@@ -17,7 +17,7 @@ import torch
 from tsqp_core.executor import Backend, GpuCall
 from tsqp_core.models.source import Checkpoint
 from tsqp_core.protection.otp.kernels import Gemm, residue_matmul
-from tsqp_core.protection.otp.weights import LINEAR_KINDS, quantize_weight
+from tsqp_core.protection.otp.weights import LINEAR_KINDS, quantized
 
 
 class ResidueBackend(Backend):
@@ -33,8 +33,7 @@ class ResidueBackend(Backend):
         self.residues: dict[tuple[int | None, str], torch.Tensor] = {}
         for op in forward_ops(ckpt.dims.layers):
             if op.kind in kinds and op.kind in LINEAR_KINDS:
-                w = torch.cat(weights.of(op, torch.float32))
-                q = quantize_weight(w, w_bits, primes, keep_int=False)
+                q = quantized(weights, op, w_bits, primes, store=False)
                 self.residues[op.layer, op.kind] = q.residues.to(device)
 
     def run(self, call: GpuCall, env: dict[str, torch.Tensor], cache: Any,

@@ -186,6 +186,9 @@ class MaskPool:
     def available(self, key: Hashable) -> int:
         return self._queues[key].ready
 
+    def total_available(self) -> int:
+        return sum(q.ready for q in self._queues.values())
+
     # --- taking rows ----------------------------------------------------------------------
 
     def take(self, key: Hashable, rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:

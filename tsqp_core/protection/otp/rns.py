@@ -11,8 +11,6 @@ residues (Garner's mixed-radix algorithm, all in int64: every intermediate stays
 from __future__ import annotations
 
 import math
-from functools import cached_property
-
 import torch
 
 #: The largest primes below 256, in descending order; a modulus takes the first ``k``.
@@ -35,8 +33,8 @@ def modulus(ps: tuple[int, ...]) -> int:
 
 def centre(r: torch.Tensor, p: int) -> torch.Tensor:
     """``r`` (any integers) reduced mod ``p`` into ``[-(p-1)/2, (p-1)/2]``, same dtype."""
-    r = torch.remainder(r, p)
-    return torch.where(r > p // 2, r - p, r)
+    half = p // 2  # p is odd: [0, p) - half is exactly [-half, half]
+    return torch.remainder(r + half, p) - half
 
 
 def residues(x: torch.Tensor, ps: tuple[int, ...]) -> torch.Tensor:
@@ -45,30 +43,37 @@ def residues(x: torch.Tensor, ps: tuple[int, ...]) -> torch.Tensor:
 
 
 class Crt:
-    """Reconstruction from residues modulo ``ps`` (pairwise coprime, product < 2**63)."""
+    """Reconstruction from residues modulo ``ps`` (pairwise coprime, product < 2**63).
+
+    Garner's algorithm: the mixed-radix digits ``v_i`` of ``y = v_1 + v_2 p_1 +
+    v_3 p_1 p_2 + ...`` are ``v_i = (r_i - sum_{j<i} v_j (P_j mod p_i)) / P_{i-1} mod p_i``,
+    with ``P_j = p_1 ... p_j``: every intermediate is below ``2**24``, so the digits are
+    computed in int32 with one reduction each, and only the final sum is int64."""
 
     def __init__(self, ps: tuple[int, ...]) -> None:
         if len(ps) > MAX_PRIMES or modulus(ps) >= 2**63:
             raise ValueError("the modulus must stay below 2**63")
         self.ps = tuple(ps)
         self.M = modulus(ps)
-        # Garner: inverse of p_1...p_{i-1} modulo p_i, and the mixed-radix weights
-        self._inv = [pow(math.prod(ps[:i]), -1, p) if i else 1 for i, p in enumerate(ps)]
+        self.half = self.M // 2
         self._radix = [math.prod(ps[:i]) for i in range(len(ps))]
-
-    @cached_property
-    def half(self) -> int:
-        return self.M // 2
+        self._inv = [pow(self._radix[i], -1, p) for i, p in enumerate(ps)]
+        # (P_j mod p_i) for j < i
+        self._cross = [[self._radix[j] % p for j in range(i)] for i, p in enumerate(ps)]
 
     def rebuild(self, res: torch.Tensor) -> torch.Tensor:
         """``y`` in ``(-M/2, M/2]`` (int64) from residues ``res`` ``[k, ...]`` (any integer
-        dtype, any representative of each class)."""
+        dtype, entries of magnitude below ``2**16``, any representative of each class)."""
         if res.shape[0] != len(self.ps):
             raise ValueError(f"{res.shape[0]} residues for {len(self.ps)} primes")
-        res = res.to(torch.int64)
-        y = torch.zeros(res.shape[1:], dtype=torch.int64)
+        res = res.to(torch.int32)
+        digits: list[torch.Tensor] = []
         for i, p in enumerate(self.ps):
-            # the value so far, y = v_1 + v_2 p_1 + ..., taken mod p_i
-            acc = torch.remainder(res[i] - torch.remainder(y, p), p)
-            y = y + torch.remainder(acc * self._inv[i], p) * self._radix[i]
+            acc = res[i]
+            for v, c in zip(digits, self._cross[i]):
+                acc = acc - v * c  # |acc| < 2**16 + 8 * 2**16
+            digits.append(torch.remainder(acc * self._inv[i], p))  # |.| < 2**25
+        y = torch.zeros(res.shape[1:], dtype=torch.int64)
+        for v, radix in zip(digits, self._radix):
+            y += v.to(torch.int64) * radix
         return torch.where(y > self.half, y - self.M, y)

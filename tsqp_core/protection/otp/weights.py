@@ -12,11 +12,16 @@ and the row norms (for the range bound).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from tsqp_core.protection.otp.fixed import quantize
 from tsqp_core.protection.otp.rns import centre
+
+if TYPE_CHECKING:
+    from tsqp_core.graph import Op
+    from tsqp_core.protection.base import PublicWeights
 
 #: Op kinds a residue scheme can carry: products of a private input with a public weight.
 LINEAR_KINDS = ("qkv_proj", "o_proj", "gate_up_proj", "down_proj", "lm_head")
@@ -48,7 +53,37 @@ def quantize_weight(w: torch.Tensor, bits: int, primes: tuple[int, ...],
                     keep_int: bool) -> QuantWeight:
     """``w`` ``[N, K]`` (any float dtype, on the CPU) as a :class:`QuantWeight`."""
     w_int, exps = quantize(w, bits)
+    w_int = w_int.to(torch.int32)  # |w| <= 2**23: int32 arithmetic is exact and faster
     norms = w_int.to(torch.float64).norm(dim=-1)
-    residues = torch.stack([centre(w_int.T, p).to(torch.int8).contiguous() for p in primes])
-    return QuantWeight(residues, w_int.to(torch.int32) if keep_int else None, exps,
+    w_t = w_int.T.contiguous()  # transpose once; reduce it prime by prime into place
+    residues = torch.empty((len(primes), *w_t.shape), dtype=torch.int8)
+    for i, p in enumerate(primes):
+        residues[i] = centre(w_t, p)
+    return QuantWeight(residues, w_int if keep_int else None, exps,
                        float(norms.max()) if norms.numel() else 0.0, norms)
+
+
+#: Quantised weights of the checkpoint last used in this process, by (layer, kind, bits,
+#: primes): a second ``bind`` (another run, the attack pass) or an in-process GPU side
+#: reuses them. Process memory only -- never written to disk, where the TEE could not tell a
+#: changed file from its own.
+_MEMO: dict[tuple, QuantWeight] = {}
+_MEMO_CKPT: list[str] = []
+
+
+def quantized(weights: "PublicWeights", op: "Op", bits: int, primes: tuple[int, ...],
+              store: bool) -> QuantWeight:
+    """:func:`quantize_weight` of ``op``'s weights (``qkv``/``gate_up`` concatenated), from
+    this process's memo when present; ``store`` keeps the result (with ``w_int``) there."""
+    ckpt = str(weights.path)
+    if _MEMO_CKPT != [ckpt]:  # another checkpoint: forget the last one's
+        _MEMO.clear()
+        _MEMO_CKPT[:] = [ckpt]
+    key = (op.layer, op.kind, bits, primes)
+    hit = _MEMO.get(key)
+    if hit is not None:
+        return hit
+    q = quantize_weight(torch.cat(weights.of(op, torch.float32)), bits, primes, keep_int=store)
+    if store:
+        _MEMO[key] = q
+    return q
