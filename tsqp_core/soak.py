@@ -39,15 +39,13 @@ def fds(pid: int) -> int:
 
 
 def compose(overrides: list[str]) -> Any:
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
+    """The validated RunConfig that ``run OVERRIDES`` would use (plugins' groups included)."""
     from omegaconf import OmegaConf
 
-    from tsqp_core.app import CONF_DIR
     from tsqp_core.config import parse
+    from tsqp_core.configs import compose as hydra_compose
 
-    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = hydra_compose("config", overrides=overrides)
+    cfg = hydra_compose(overrides)
     return parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
 
 
