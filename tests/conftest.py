@@ -14,6 +14,8 @@ from typing import Any  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from tsqp_core.testing import shm_names  # noqa: E402,F401  (tests import it from here)
+
 torch.set_num_threads(1)
 
 

@@ -90,11 +90,11 @@ def test_kv_cache_lives_per_generation():
         session = Session()
         model.forward(torch.arange(10)[None], session, Meter(), last_only=True)
         model.forward(torch.tensor([[3]]), session, Meter(), last_only=True)
-        (cache,) = server._sessions.values()
+        (cache,) = server.live_sessions().values()
         assert cache.length(0, "k") == cache.length(15, "v") == 11
         assert cache.nbytes() > 0
         model.end(session)
-        assert not server._sessions
+        assert not server.live_sessions()
 
 
 @needs_fused
@@ -143,7 +143,7 @@ def test_cuda_parity(dtype, prompts, hf):
                      device="cuda") as (model, server):
         logits = prefill(model, prompts["prefill"])
         gen = greedy(model, prompts["generate"])
-        assert not server._sessions
+        assert not server.live_sessions()
     tol = FP32_TOL if dtype == "float32" else bf16_tol(hf["eps_prefill"])
     assert max_diff(logits, ref["prefill"]) <= tol
     assert gen.tokens == ref["generate"].tokens

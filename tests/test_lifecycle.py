@@ -42,6 +42,13 @@ def cli(*args: str, timeout: float = 120, **kw) -> subprocess.CompletedProcess:
     (["prompt=hello"], InputError, ["no tokenizer"]),
     (["workload.prompt_tokens=4090", "workload=generate", "workload.new_tokens=16"], InputError,
      ["exceeds the model's context of 4096"]),
+    (["model.tokenizer=llama3", "prompt=hello world"], InputError,
+     ["outside the model's vocabulary of 512", "do not match"]),
+    (["server.address=tcp://127.0.0.1:99999"], ConfigError,
+     ["server.address", "port '99999' is not a TCP port"]),
+    (["server.address=tcp://127.0.0.1"], ConfigError, ["needs HOST:PORT"]),
+    (["server.address=http://127.0.0.1:80"], ConfigError, ["use tcp://HOST:PORT"]),
+    (["transport=shm", "server.address=tcp://127.0.0.1:5"], ConfigError, ["shm://NAME"]),
 ])
 def test_bad_input_is_rejected_before_anything_starts(overrides, error, words):
     with pytest.raises(error) as exc:
@@ -76,13 +83,42 @@ def test_cli_errors_are_one_clear_line():
     assert res.returncode != 0 and "Available options" in res.stderr and "tcp" in res.stderr
 
 
-def test_no_server_at_the_address_times_out():
+def test_no_server_at_the_address_fails_within_the_connect_timeout():
+    """Not the 300 s startup timeout, and the message says what the client saw."""
     t0 = time.monotonic()
     res = cli("run", "model=tiny", "server.address=tcp://127.0.0.1:9",
-              "server.startup_timeout_s=1.5")
+              "transport.options.connect_timeout_s=1.5")
     assert res.returncode == 1
-    assert "no reply from tcp://127.0.0.1:9 within 1.5 s" in res.stderr
+    assert "cannot reach tcp://127.0.0.1:9: connection refused or unreachable" in res.stderr
+    assert "connect_timeout_s=1.5" in res.stderr
+    assert "Traceback" not in res.stderr
     assert time.monotonic() - t0 < 60
+
+
+def test_cli_refuses_what_cannot_work_in_one_line():
+    """A non-UTF-8 argument (before Hydra's parser sees it), serve on a transport nobody can
+    reach, a port out of range."""
+    for args, words in [
+        (["run", "model=tiny", b"prompt=caf\xe9".decode("utf-8", "surrogateescape")],
+         ["prompt: not valid UTF-8 (byte 0xe9 at character 10)"]),
+        (["serve", "model=tiny", "transport=inproc"], ["serves only clients in its own process"]),
+        (["serve", "model=tiny", "transport.options.bind=tcp://127.0.0.1:99999"],
+         ["port '99999' is not a TCP port"]),
+    ]:
+        res = cli(*args)
+        assert res.returncode == 2, res.stderr
+        assert "Traceback" not in res.stderr and len(res.stderr.strip().splitlines()) == 1
+        for w in words:
+            assert w in res.stderr, res.stderr
+
+
+def test_an_ipc_socket_file_is_removed_after_a_clean_stop(tmp_path):
+    transport = get_plugins().transports.create("tcp")
+    path = tmp_path / "tsqp.sock"
+    server = transport.listen(f"ipc://{path}")
+    assert path.exists()
+    server.close()
+    assert not path.exists()
 
 
 def _spec(model_dir: Path) -> ServerSpec:
@@ -131,24 +167,3 @@ def test_serve_alone_then_run_against_it(tmp_path):
 def test_serve_refuses_a_public_bind():
     res = cli("serve", "model=tiny", "transport.options.bind=tcp://0.0.0.0:0")
     assert res.returncode != 0 and "not a loopback address" in res.stderr
-
-
-@pytest.mark.slow
-def test_ctrl_c_stops_the_server():
-    run = subprocess.Popen([sys.executable, "-m", "tsqp_core", "run", "model=tiny",
-                            "workload=generate", "workload.new_tokens=3000",
-                            "hydra.run.dir=/tmp/tsqp-ctrl-c"], env=ENV,
-                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    child = None
-    deadline = time.monotonic() + 120
-    while child is None and time.monotonic() < deadline:
-        out = subprocess.run(["pgrep", "-P", str(run.pid)], capture_output=True, text=True).stdout
-        child = int(out.split()[0]) if out.strip() else None
-        time.sleep(0.2)
-    assert child is not None
-    time.sleep(3)
-    run.send_signal(signal.SIGINT)
-    run.wait(timeout=30)
-    time.sleep(0.5)
-    with pytest.raises(ProcessLookupError):
-        os.kill(child, 0)

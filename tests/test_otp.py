@@ -151,7 +151,7 @@ def one_product():
         server = conn.local_server
         call = next(c for c in p.schedule.calls if c.method == "gate_up_proj" and c.layer == 3)
         wire = p.wires[call.index]
-        backend = next(iter(server._plans.values())).backend
+        backend = next(iter(next(iter(server._clients.values())).plans.values())).backend
         yield scheme, call, wire, backend
 
 

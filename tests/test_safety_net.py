@@ -69,7 +69,8 @@ def tampered():
     channel = TamperingChannel(server)
     remote = RemoteGpu(channel, borrowed=False, timeout=5)
     remote.hello(Hello(fingerprint(model_dir), "unfused", "float32",
-                       {"name": "none", "options": {}}, plan_entries(schedule, wires)))
+                       {"name": "none", "options": {}}, plan_entries(schedule, wires),
+                       batch=1, positions=16))
     call = next(c for c in schedule.calls if c.method == "qkv_proj")
     assert call.outputs == ("0.q", "0.k", "0.v")
     x = torch.randn(1, 4, server.dims.hidden, generator=torch.Generator().manual_seed(0))
@@ -330,7 +331,7 @@ def test_generation_stops_at_a_stop_token_and_not_without_one():
         for stop_ids in (None, set(), {never}):
             again = generate(model, prompt, 10, Sampler(Sampling()), Meter(), stop_ids=stop_ids)
             assert again.tokens == full.tokens
-        assert not server._sessions
+        assert not server.live_sessions()
 
 
 def test_a_run_samples_with_the_workload_temperature_top_p_and_seed(run_tiny):

@@ -14,6 +14,7 @@ from tsqp_core.models.source import fingerprint, resolve
 from tsqp_core.partition import SeedPartition
 from tsqp_core.plugins import PluginOptions
 from tsqp_core.schedule import build_schedule, plan_entries
+from tsqp_core.transport import ANONYMOUS, Peer
 
 from conftest import compose
 
@@ -34,8 +35,8 @@ def schedule():
     return build_schedule(16, SeedPartition(PluginOptions()).gpu_ops(), "op")
 
 
-def reply(server, frames):
-    return codec.decode(server.handle(frames))
+def reply(server, frames, peer=ANONYMOUS):
+    return codec.decode(server.handle(frames, peer))
 
 
 def wire_plan(schedule, dims):
@@ -43,17 +44,18 @@ def wire_plan(schedule, dims):
     return [e.to_wire() for e in entries]
 
 
-def hello(server, model_dir, schedule, **over):
+def hello(server, model_dir, schedule, peer=ANONYMOUS, **over):
     h = {"m": "hello", "id": 1, "v": protocol.VERSION, "fingerprint": fingerprint(model_dir),
          "executor": "unfused", "dtype": "float32",
          "protection": {"name": "none", "options": {}},
-         "plan": wire_plan(schedule, server.dims), **over}
-    return reply(server, codec.encode(Message(h)))
+         "plan": wire_plan(schedule, server.dims), "limits": {"batch": 2, "positions": 64},
+         **over}
+    return reply(server, codec.encode(Message(h)), peer)
 
 
-def embed_call(server, plan_id, ids, **over):
+def embed_call(server, plan_id, ids, peer=ANONYMOUS, **over):
     h = {"m": "call", "id": 2, "plan": plan_id, "c": 0, "s": 7, "past": 0, "last": False, **over}
-    return reply(server, codec.encode(Message(h, {"ids": ids})))
+    return reply(server, codec.encode(Message(h, {"ids": ids})), peer)
 
 
 def assert_error(msg, *words):
@@ -86,7 +88,9 @@ def test_malformed_requests_get_error_replies(server, frames, words):
 
 
 def test_hello_refuses_a_mismatch(server, model_dir, schedule):
-    assert_error(hello(server, model_dir, schedule, fingerprint="0" * 16), "fingerprint")
+    refused = hello(server, model_dir, schedule, fingerprint="0" * 16)
+    assert_error(refused, "fingerprint", "is not this server's")
+    assert server.fingerprint not in refused.header["error"]  # a stranger learns nothing
     assert_error(hello(server, model_dir, schedule, dtype="bfloat16"), "dtype")
     assert_error(hello(server, model_dir, schedule, executor="fused"), "executor")
     assert_error(hello(server, model_dir, schedule, v=99), "protocol")
@@ -113,7 +117,9 @@ def test_calls_are_validated_and_the_server_keeps_serving(server, model_dir, sch
     assert_error(embed_call(server, plan_id, ids.to(torch.int32)), "expected int64")
     assert_error(embed_call(server, plan_id, ids, c=10_000), "out of range")
     assert_error(embed_call(server, plan_id, ids + 1000), "out of range")
-    assert_error(embed_call(server, plan_id, ids, past=10**9), "exceed")
+    assert_error(embed_call(server, plan_id, ids, past=10**9), "beyond what the hello declared")
+    assert_error(embed_call(server, plan_id, torch.zeros(3, 5, dtype=torch.int64)),
+                 "a call of batch 3", "declared (2, 64)")
     bad = reply(server, codec.encode(Message(
         {"m": "call", "id": 3, "plan": plan_id, "c": 1, "s": 7, "past": 0, "last": False},
         {"0.x": torch.zeros(1, 5, 63)})))
@@ -131,4 +137,87 @@ def test_cache_position_mismatch_resets_the_session(server, model_dir, schedule)
     assert first.header["ok"]
     again = reply(server, codec.encode(Message({**head, "past": 0}, {"0.qr": q, "0.kr": k})))
     assert_error(again, "cache holds 3 positions")
-    assert 11 not in server._sessions
+    assert 11 not in server._clients[ANONYMOUS].sessions
+
+
+# --- clients are kept apart -----------------------------------------------------------------
+
+A, B = Peer(b"a"), Peer(b"b", "bbbbbbbbkey")
+IDS = torch.randint(0, 512, (1, 5), generator=torch.Generator().manual_seed(0))
+
+
+def test_a_plan_belongs_to_the_connection_that_made_it(server, model_dir, schedule):
+    plan_id = hello(server, model_dir, schedule, A).header["plan_id"]
+    assert embed_call(server, plan_id, IDS, A).header["ok"]
+    assert_error(embed_call(server, plan_id, IDS, B), "unknown plan")  # same plan id, not B's
+    for _ in range(10):  # B's hellos never evict A's plan
+        hello(server, model_dir, schedule, B, limits={"batch": 1, "positions": 8})
+    assert embed_call(server, plan_id, IDS, A).header["ok"]
+
+
+def test_sessions_are_per_client_and_a_full_client_is_refused_not_evicted(server, model_dir,
+                                                                          schedule):
+    plan_a = hello(server, model_dir, schedule, A).header["plan_id"]
+    plan_b = hello(server, model_dir, schedule, B).header["plan_id"]
+    scores = next(c for c in schedule.calls if c.ops[0].kind == "attn_scores")
+
+    def scores_call(peer, plan, session, past):
+        q, k = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 1, 16)
+        return reply(server, codec.encode(Message(
+            {"m": "call", "id": 4, "plan": plan, "c": scores.index, "s": session,
+             "last": False, "past": past}, {"0.qr": q, "0.kr": k})), peer)
+
+    assert scores_call(A, plan_a, 1, 0).header["ok"]  # A's live generation
+    for session in range(4):  # B fills its own sessions, then is refused
+        assert scores_call(B, plan_b, session, 0).header["ok"]
+    assert_error(scores_call(B, plan_b, 99, 0), "already has 4 live sessions", "max_sessions")
+    assert scores_call(B, plan_b, 1, 1).header["ok"]  # B's session 1 is B's, at position 1
+    assert scores_call(A, plan_a, 1, 1).header["ok"]  # A's session 1 lives on, untouched
+
+
+def test_the_server_is_full_refuses_clearly_and_frees_on_departure_or_idleness(model_dir,
+                                                                               schedule):
+    server = GpuServer(model_dir, UnfusedExecutor(PluginOptions()), "unfused", torch.float32,
+                       torch.device("cpu"), max_clients=2, idle_s=3600)
+    assert hello(server, model_dir, schedule, A).header["ok"]
+    assert hello(server, model_dir, schedule, B).header["ok"]
+    assert_error(hello(server, model_dir, schedule, Peer(b"c")), "the GPU side is full",
+                 "max_clients")
+    server.forget(B)
+    assert hello(server, model_dir, schedule, Peer(b"c")).header["ok"]
+    server.idle_s = 0.0  # now everyone is idle: the longest idle makes room
+    assert hello(server, model_dir, schedule, Peer(b"d")).header["ok"]
+    assert A not in server._clients and server.clients == 2
+
+
+def test_one_key_holds_at_most_half_the_connections(model_dir, schedule):
+    server = GpuServer(model_dir, UnfusedExecutor(PluginOptions()), "unfused", torch.float32,
+                       torch.device("cpu"), max_clients=4)
+    for conn in (b"1", b"2"):
+        assert hello(server, model_dir, schedule, Peer(conn, "samekey")).header["ok"]
+    assert_error(hello(server, model_dir, schedule, Peer(b"3", "samekey")),
+                 "this client key already holds 2 of the 4 connections")
+    assert hello(server, model_dir, schedule, Peer(b"4", "otherkey")).header["ok"]
+
+
+def test_requests_are_limited_before_and_after_hello(server, model_dir, schedule):
+    big = torch.zeros(protocol.PRE_HELLO_BYTES, dtype=torch.uint8)
+    msg = reply(server, codec.encode(Message({"m": "ping", "id": 5}, {"x": big})), A)
+    assert_error(msg, "exceeds this connection's limit", "before hello")
+    assert msg.header["id"] == 5
+    plan_id = hello(server, model_dir, schedule, A).header["plan_id"]
+    limit = server._clients[A].max_request()
+    assert limit < protocol.PRE_HELLO_BYTES + (1 << 20)  # batch 2, 64 positions: small
+    msg = reply(server, codec.encode(Message({"m": "ping", "id": 6},
+                                             {"x": torch.zeros(limit, dtype=torch.uint8)})), A)
+    assert_error(msg, "the largest call of its plans")
+    assert embed_call(server, plan_id, IDS, A).header["ok"]
+
+
+def test_unexpected_errors_are_logged_rate_limited(capsys):
+    from tsqp_core.errlog import RateLimitedLog
+
+    log = RateLimitedLog("tsqp serve", burst=3, window_s=3600)
+    written = [log(f"error {i}") for i in range(100)]
+    assert written == [True] * 3 + [False] * 97 and log.suppressed == 97
+    assert capsys.readouterr().err.count("tsqp serve: error") == 3

@@ -26,6 +26,12 @@ commands:
                       record a run's GPU side in process, attack it with the public
                       weights against a blind baseline, check the masks (exit 1 if a
                       check fails); --mutant runs a deliberately broken scheme
+  keys DIR            make CurveZMQ key files for transport=tcp (server, client,
+                      authorized/): then transport.options.curve=DIR on both hosts
+  fuzz [ARGS]         a structure-aware, seeded fuzz campaign against the GPU side:
+                      messages sent, crashes, hangs, memory growth (fuzz --help)
+  soak [ARGS]         100,000+ calls through each transport: memory and file
+                      descriptors of both sides (soak --help)
   plugins             list installed plugins: family, name, package, version, and
                       their options with defaults
   report DIR          rebuild summary.csv, summary.md and breakdown.png in DIR from the
@@ -40,10 +46,24 @@ commands:
 
 #: ``bench`` subcommands: name -> module with ``main(argv) -> int``.
 BENCHES = {"transport": "tsqp_core.bench_transport"}
+#: Commands that are a module with ``main(argv) -> int``.
+TOOLS = {"fuzz": "tsqp_core.fuzz", "soak": "tsqp_core.soak"}
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run a command; Ctrl-C anywhere ends it with one line and exit code 130 (a SIGTERM
+    during ``run``: 143)."""
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    except KeyboardInterrupt as exc:
+        from tsqp_core.app import interrupted
+
+        code, line = interrupted(exc)
+        print(line, file=sys.stderr)
+        return code
+
+
+def _main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return 0 if argv else 2
@@ -68,6 +88,18 @@ def main(argv: list[str] | None = None) -> int:
         from tsqp_core.attack.command import main as attack_main
 
         return attack_main(rest)
+    if command == "keys":
+        try:
+            from tsqp_transport_tcp.curve import main as keys_main
+        except ImportError:
+            print("tsqp: error: keys needs the tcp transport (pip install -e plugins/"
+                  "transport_tcp)", file=sys.stderr)
+            return 2
+        return keys_main(rest)
+    if command in TOOLS:
+        import importlib
+
+        return importlib.import_module(TOOLS[command]).main(rest)
     if command == "plugins":
         from tsqp_core.app import list_plugins
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import signal
 import sys
 from pathlib import Path
 
@@ -34,11 +35,49 @@ def _runtime_errors() -> tuple[type[BaseException], ...]:
 #: * 2 -- bad input: fix the command line (nothing was started);
 #: * 3 -- a reply from the GPU side failed an integrity check: the run was aborted;
 #: * 4 -- the reference check failed: max |dlogit| beyond ``reference_tolerance`` for the
-#:   dtype, or other greedy tokens than transformers; results.json was written all the same.
+#:   dtype, or other greedy tokens than transformers; results.json was written all the same;
+#: * 130 -- interrupted (Ctrl-C), 143 -- terminated (SIGTERM): one line, after the GPU side
+#:   the run started has been stopped.
 #:
 #: A sweep (``-m``) runs every job, writes its summary (failed jobs listed) and exits with
 #: its failed jobs' code when they agree, else 1.
 EXIT_FAILED, EXIT_USAGE, EXIT_INTEGRITY, EXIT_REFERENCE = 1, 2, 3, 4
+EXIT_INTERRUPTED, EXIT_TERMINATED = 130, 143
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C would be: the same unwinding stops the GPU side."""
+
+
+def on_sigterm() -> None:
+    """Make SIGTERM end ``run`` as Ctrl-C does (cleanly, one line), not mid-air."""
+    import signal
+
+    def _raise(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    signal.signal(signal.SIGTERM, _raise)
+
+
+def interrupted(exc: BaseException) -> tuple[int, str]:
+    """Exit code and the one line for a Ctrl-C or a SIGTERM."""
+    if isinstance(exc, Terminated):
+        return EXIT_TERMINATED, "tsqp: terminated"
+    return EXIT_INTERRUPTED, "tsqp: interrupted"
+
+
+def check_args(args: list[str], prog: str) -> str | None:
+    """A reason to refuse the command line before Hydra parses it: an argument that is not
+    valid UTF-8 (the shell handed us bytes; Python keeps them as surrogates)."""
+    for arg in args:
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            bad = arg[exc.start].encode("utf-8", "surrogateescape")
+            key = arg.split("=", 1)[0] if "=" in arg else f"argument {args.index(arg) + 1}"
+            return (f"{prog}: error: {key}: not valid UTF-8 (byte 0x{bad.hex()} at character "
+                    f"{exc.start}); pass text in UTF-8")
+    return None
 
 
 def _exit_code(exc: BaseException) -> tuple[int, str]:
@@ -77,6 +116,13 @@ def run_app(args: list[str]) -> int:
         try:
             config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
             result = run(config, outdir)
+        except KeyboardInterrupt as exc:  # Ctrl-C, or SIGTERM (Terminated)
+            # the GPU side was stopped on the way out (connect's context managers)
+            if multirun:
+                raise  # the sweep ends; main() prints the one line
+            status["code"], line = interrupted(exc)
+            print(line, file=sys.stderr)
+            return
         except (*_user_errors(), *_runtime_errors()) as exc:
             code, what = _exit_code(exc)
             message = f"{what}: {exc}"
@@ -96,6 +142,11 @@ def run_app(args: list[str]) -> int:
         if multirun:
             write_failure(outdir, code, message)
 
+    refused = check_args(args, "tsqp")
+    if refused:
+        print(refused, file=sys.stderr)
+        return EXIT_USAGE
+    on_sigterm()
     saved = sys.argv
     sys.argv = ["python -m tsqp_core run", *launcher_defaults(normalize_overrides(args))]
     callbacks.last_sweep = None
@@ -132,16 +183,27 @@ def serve_app(args: list[str]) -> int:
 
     from tsqp_core.transport import TransportError
 
+    refused = check_args(args, "tsqp serve")
+    if refused:
+        print(refused, file=sys.stderr)
+        return EXIT_USAGE
     try:
         cfg = compose(args)
         config = parse(OmegaConf.to_container(cfg, resolve=True))  # type: ignore[arg-type]
         import torch
 
+        from tsqp_core.plugins import get_plugins
+
+        if get_plugins().transports.get(config.transport.name).in_process:
+            raise TransportError(f"transport {config.transport.name} serves only clients in "
+                                 "its own process: nobody could reach this server; use tcp "
+                                 "or shm")
         torch.set_num_threads(config.threads.gpu)
         spec = ServerSpec(transport=config.transport.model_dump(), address=config.server.address,
                           model_dir=str(resolve(config.model)), executor=config.executor.model_dump(),
                           dtype=config.dtype, device=config.device, threads=config.threads.gpu,
-                          max_sessions=config.server.max_sessions)
+                          max_sessions=config.server.max_sessions,
+                          max_clients=config.server.max_clients, idle_s=config.server.idle_s)
         server, channel = build_server(spec)
     except (*_user_errors(), HydraException, TransportError) as exc:
         print(f"tsqp serve: error: {exc}", file=sys.stderr)
@@ -153,7 +215,10 @@ def serve_app(args: list[str]) -> int:
               flush=True)
         print(json.dumps({"address": address}), flush=True)
 
-    serve_forever(server, channel, ready)
+    signum = serve_forever(server, channel, ready)
+    if signum == signal.SIGINT:
+        print("tsqp serve: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return 0
 
 

@@ -52,7 +52,7 @@ class EchoServer:
             raise ValueError(f"echo mode must be raw or codec, not {mode!r}")
         self.mode = mode
 
-    def handle(self, frames: list[Any]) -> list[Any]:
+    def handle(self, frames: list[Any], peer: Any = None) -> list[Any]:
         if self.mode == "raw":
             return list(frames)
         import torch

@@ -100,7 +100,7 @@ def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
     name, dtype, shape = spec
     if not isinstance(name, str) or not 0 < len(name) <= 64:
         raise ProtocolError(f"bad tensor name {name!r:.80}")
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:  # (a list is not even hashable)
         raise ProtocolError(f"tensor '{name}': unsupported dtype {dtype!r:.40}")
     if not (
         isinstance(shape, list)

@@ -51,7 +51,15 @@ class Server(Strict):
     address: str | None = None
     startup_timeout_s: float = Field(300.0, gt=0)
     timeout_s: float = Field(120.0, gt=0)
+    #: Live generations per client (one more is refused, never a live one evicted).
     max_sessions: int = Field(4, ge=1)
+    #: Clients one GPU side serves at once; a client idle this long may be dropped for a
+    #: new one.
+    max_clients: int = Field(8, ge=1)
+    idle_s: float = Field(600.0, gt=0)
+    #: Largest |value| accepted from the GPU side (null: 2**24 capped by the dtype; see
+    #: tsqp_core/tee/validate.py).
+    max_abs_value: float | None = Field(None, gt=0)
     #: Make the GPU side lie on purpose (see tsqp_core/gpu/tamper.py): tests and demos only.
     tamper: dict[str, Any] | None = None
 

@@ -24,6 +24,9 @@ from typing import Any, Iterator
 from tsqp_core.transport import Watchdog
 
 READY = "tsqp-ready "
+#: How long a child gets to stop after SIGTERM before SIGKILL: after a clean run, and after
+#: a failure (a stuck GPU side must not add seconds to an error already reported).
+STOP_GRACE_S, STOP_GRACE_AFTER_FAILURE_S = 5.0, 1.0
 
 
 @dataclass(frozen=True)
@@ -40,6 +43,8 @@ class ServerSpec:
     max_sessions: int
     #: ``server.tamper``: corrupt replies on purpose (tests, demonstrations), or None.
     tamper: dict[str, Any] | None = None
+    max_clients: int = 8
+    idle_s: float = 600.0
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -58,7 +63,8 @@ def build_server(spec: ServerSpec):
 
     server = GpuServer(Path(spec.model_dir), executor, spec.executor["name"], DTYPES[spec.dtype],
                        resolve_device(spec.device), spec.max_sessions,
-                       Tamper(**spec.tamper) if spec.tamper is not None else None)
+                       Tamper(**spec.tamper) if spec.tamper is not None else None,
+                       spec.max_clients, spec.idle_s)
     return server, transport.listen(spec.address)
 
 
@@ -106,6 +112,8 @@ class GpuSide:
     address: str
     watchdog: Watchdog | None
     server: Any = None
+    #: The GPU side's process id: this one for ``inproc``, the child's, or None (external).
+    pid: int | None = None
 
 
 @contextlib.contextmanager
@@ -123,7 +131,8 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
         thread.start()
         try:
             yield GpuSide(channel.address,
-                          lambda: None if thread.is_alive() else "GPU-side thread ended", server)
+                          lambda: None if thread.is_alive() else "GPU-side thread ended", server,
+                          os.getpid())
         finally:
             stop.set()
             thread.join(timeout=5)
@@ -132,8 +141,8 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
                OMP_NUM_THREADS=str(spec.threads))
     with spawn_ready([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()], env,
-                     startup_timeout, "GPU server") as (address, watchdog, _):
-        yield GpuSide(address, watchdog)
+                     startup_timeout, "GPU server") as (address, watchdog, proc):
+        yield GpuSide(address, watchdog, pid=proc.pid)
 
 
 @contextlib.contextmanager
@@ -143,6 +152,7 @@ def spawn_ready(argv: list[str], env: dict[str, str], startup_timeout: float,
     ``(address, watchdog, process)`` and always stops and reaps it."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env,
                             text=True)
+    grace = STOP_GRACE_S
     try:
         address = _wait_ready(proc, startup_timeout, what)
 
@@ -151,8 +161,11 @@ def spawn_ready(argv: list[str], env: dict[str, str], startup_timeout: float,
             return None if code is None else f"{what} process exited with code {code}"
 
         yield address, watchdog, proc
+    except BaseException:
+        grace = STOP_GRACE_AFTER_FAILURE_S  # it may be stuck: the failure is reported already
+        raise
     finally:
-        stop_process(proc)
+        stop_process(proc, grace)
 
 
 def _wait_ready(proc: subprocess.Popen, timeout: float, what: str) -> str:
@@ -175,7 +188,7 @@ def _wait_ready(proc: subprocess.Popen, timeout: float, what: str) -> str:
                                    "was ready (its messages are above)")
 
 
-def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+def stop_process(proc: subprocess.Popen, grace: float = STOP_GRACE_S) -> None:
     """Terminate, then kill, and always reap."""
     if proc.poll() is None:
         proc.terminate()

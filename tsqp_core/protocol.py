@@ -6,7 +6,8 @@ builds its header and parses one back, refusing anything malformed with
 :class:`~tsqp_core.codec.ProtocolError`. Requests carry ``m`` (the method) and ``id``; every
 reply carries the request's ``id`` and ``ok``::
 
-    hello  {v, fingerprint, executor, dtype, protection, plan} -> {plan_id, server, dims}
+    hello  {v, fingerprint, executor, dtype, protection, plan, limits}
+                                                            -> {plan_id, server, dims}
     call   {plan, c, s, past, last} + wire inputs               -> {t} + wire outputs
     end    {s}                                                  -> {}
     ping   {}                                                   -> {}
@@ -27,6 +28,12 @@ shape is a list of integers and symbols that a call's header fixes:
        position only (``last``), else ``T``
 ====== =====================================================================================
 
+**Limits.** A hello also declares the largest ``batch`` and ``positions`` (``S``) its calls
+will use. From the plan and those, both sides know the largest legitimate message in each
+direction (:func:`message_limit`): the server refuses a bigger request from that connection
+before decoding it, and the client a bigger reply. Before its hello, a connection may send
+no more than :data:`PRE_HELLO_BYTES`.
+
 Without protection the layout is the values themselves (``3.x: float32 [B, T, 64]``); a
 protection scheme declares its own (residues, challenge vectors, ...) and both sides check
 every tensor of every call against it. After ``hello`` a call is just its index ``c``.
@@ -34,6 +41,7 @@ every tensor of every call against it. After ``hello`` a call is just its index 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Sequence
 
@@ -43,7 +51,7 @@ from tsqp_core import codec
 from tsqp_core.codec import DTYPES, ProtocolError
 
 #: Bumped whenever a message changes shape.
-VERSION = 2
+VERSION = 3
 
 # --- header keys: the one place they are spelled ----------------------------------------------
 
@@ -54,6 +62,10 @@ ERROR = "error"
 TIMINGS = "t"
 
 SYMBOLS = ("B", "T", "S", "L")
+#: Bytes a message may take beyond its tensors (header and framing).
+HEADER_ALLOWANCE = 64 << 10
+#: The most a connection may send before its hello (a hello is a header: the plan).
+PRE_HELLO_BYTES = codec.MAX_HEADER_BYTES + HEADER_ALLOWANCE
 #: Longest error text accepted from a peer (it is printed: see :func:`clean_text`).
 MAX_ERROR_CHARS = 2000
 
@@ -87,11 +99,11 @@ class WireTensor(NamedTuple):
         name, dtype, shape = x
         if not (isinstance(name, str) and 0 < len(name) <= 64):
             raise ProtocolError(f"bad wire tensor name {name!r:.80}")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise ProtocolError(f"wire tensor '{name}': unsupported dtype {dtype!r:.40}")
         if not (isinstance(shape, list) and len(shape) <= codec.MAX_DIMS and all(
                 (isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40)
-                or d in SYMBOLS for d in shape)):
+                or (isinstance(d, str) and d in SYMBOLS) for d in shape)):
             raise ProtocolError(f"wire tensor '{name}': bad shape template {shape!r:.80}")
         return cls(name, dtype, tuple(shape))
 
@@ -113,6 +125,20 @@ class CallWire:
 
     def to_wire(self) -> list:
         return [[t.to_wire() for t in self.inputs], [t.to_wire() for t in self.outputs]]
+
+
+def message_limit(wires: Sequence[CallWire], batch: int, positions: int, direction: str
+                  ) -> int:
+    """The largest message, in bytes, any call of ``wires`` can need in ``direction``
+    (``request``: its inputs; ``reply``: its outputs) when no call has more than ``batch``
+    rows or ``positions`` keys (every symbol at its largest), header included."""
+    largest = 0
+    top = {"B": batch, "T": positions, "S": positions, "L": positions}
+    for wire in wires:
+        tensors = wire.inputs if direction == "request" else wire.outputs
+        n = sum(math.prod(t.resolve(top)) * t.torch_dtype.itemsize for t in tensors)
+        largest = max(largest, n)
+    return largest + HEADER_ALLOWANCE
 
 
 def sizes(batch: int, tokens: int, past: int, last: bool) -> dict[str, int]:
@@ -232,12 +258,16 @@ class Hello:
     #: ``{"name": ..., "options": {...}}`` of the protection scheme.
     protection: dict[str, Any]
     plan: tuple[PlanEntry, ...]
+    #: The largest batch and number of positions (``S``) any call will use.
+    batch: int = 1
+    positions: int = 1
     version: int = VERSION
 
     def header(self) -> dict[str, Any]:
         return {"v": self.version, "fingerprint": self.fingerprint, "executor": self.executor,
                 "dtype": self.dtype, "protection": self.protection,
-                "plan": [e.to_wire() for e in self.plan]}
+                "plan": [e.to_wire() for e in self.plan],
+                "limits": {"batch": self.batch, "positions": self.positions}}
 
     @classmethod
     def parse(cls, h: dict[str, Any]) -> "Hello":
@@ -247,10 +277,12 @@ class Hello:
         if not (isinstance(prot.get("name"), str) and isinstance(prot.get("options", {}), dict)):
             raise ProtocolError("'protection' must be {name, options}")
         plan = _field(h, "plan", list, "a list")
+        limits = _field(h, "limits", dict, "a map {batch, positions}")
         return cls(_field(h, "fingerprint", str, "a string"), _field(h, "executor", str, "a string"),
                    _field(h, "dtype", str, "a string"),
                    {"name": prot["name"], "options": dict(prot.get("options") or {})},
-                   tuple(PlanEntry.parse(e) for e in plan))
+                   tuple(PlanEntry.parse(e) for e in plan),
+                   _int(limits, "batch", 1), _int(limits, "positions", 1))
 
 
 @dataclass(frozen=True)
@@ -267,11 +299,41 @@ class HelloReply:
     @classmethod
     def parse(cls, h: dict[str, Any]) -> "HelloReply":
         plan_id = _field(h, "plan_id", str, "a string")
-        if not 0 < len(plan_id) <= 64:
-            raise ProtocolError("'plan_id' must be 1 to 64 characters")
-        server = _field(h, "server", dict, "a map")
+        if not (0 < len(plan_id) <= 64 and plan_id.isascii() and plan_id.isprintable()):
+            raise ProtocolError("'plan_id' must be 1 to 64 printable ASCII characters")
+        server = clean_info(_field(h, "server", dict, "a map"))
         dims = _field(h, "dims", dict, "a map")
+        if len(dims) > 16 or not all(isinstance(k, str) and isinstance(v, int)
+                                     and not isinstance(v, bool) for k, v in dims.items()):
+            raise ProtocolError("'dims' must map names to integers")
         return cls(plan_id, server, dims)
+
+
+#: Bounds on what a peer may say about itself (the ``server`` map of a hello reply, which
+#: goes into results.json and the printed summary).
+MAX_INFO_ITEMS, MAX_INFO_DEPTH, MAX_INFO_CHARS = 64, 4, 200
+
+
+def clean_info(value: Any, depth: int = 0) -> Any:
+    """A peer's self-description made safe to store and print: maps with string keys, lists,
+    scalars; every string cleaned (:func:`clean_text`) and short; bounded size and depth."""
+    if depth > MAX_INFO_DEPTH:
+        raise ProtocolError("peer info nested too deeply")
+    if isinstance(value, str):
+        return clean_text(value, MAX_INFO_CHARS)
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, (list, tuple)):
+        if len(value) > MAX_INFO_ITEMS:
+            raise ProtocolError("peer info list too long")
+        return [clean_info(v, depth + 1) for v in value]
+    if isinstance(value, dict):
+        if len(value) > MAX_INFO_ITEMS:
+            raise ProtocolError("peer info map too large")
+        if not all(isinstance(k, str) for k in value):
+            raise ProtocolError("peer info map keys must be strings")
+        return {clean_text(k, 64): clean_info(v, depth + 1) for k, v in value.items()}
+    raise ProtocolError(f"peer info holds a {type(value).__name__}")
 
 
 @dataclass(frozen=True)
@@ -380,7 +442,8 @@ def decode_request(frames: Sequence[Any]) -> Request:
     rid = request_id(msg.header)
     if rid is None:
         raise ProtocolError("request 'id' must be an integer")
-    kind = REQUESTS.get(msg.header.get(METHOD))  # type: ignore[arg-type]
+    method = msg.header.get(METHOD)
+    kind = REQUESTS.get(method) if isinstance(method, str) else None
     if kind is None:
         raise ProtocolError(f"unknown method {msg.header.get(METHOD)!r:.40}")
     return Request(rid, kind.parse(msg.header), msg.tensors)

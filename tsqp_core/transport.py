@@ -15,6 +15,13 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
 * **close() is idempotent** and releases every OS resource (sockets, segments, semaphores).
 * **Servers keep serving.** A malformed message is the server loop's problem (it replies with
   an error), never a reason for the channel to die.
+* **Servers know who asks.** After ``recv`` returns a request, ``ServerChannel.peer`` names the
+  connection it came from: equal for every request of one connection, different for any two
+  connections (a reconnect is a new peer), with the client's authenticated key where the
+  transport has one (:class:`Peer`). ``departed()`` lists the peers known to have gone since
+  it was last called, so the server frees what they held. Several clients may be connected
+  at once; none of them -- idle, stalled mid-handshake or mid-request -- keeps the others
+  from being served.
 * **Too large is an error, never a fallback.** A message the channel cannot carry raises
   :class:`MessageTooLarge` before anything is sent; the channel stays usable, and a server
   answers the same request with a small error instead (:func:`tsqp_core.gpu.server.send_reply`).
@@ -23,7 +30,7 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Sequence
+from typing import Any, Callable, ClassVar, Hashable, NamedTuple, Sequence
 
 from tsqp_core.plugins import PluginOptions
 
@@ -46,6 +53,22 @@ class PeerDead(TransportError):
 
 class MessageTooLarge(TransportError):
     """The message does not fit the channel (an arena, a frame limit); nothing was sent."""
+
+
+class Peer(NamedTuple):
+    """Who sent a request: the connection (``conn``: opaque, never reused for another
+    connection while the channel lives) and the key it authenticated with (``key``: e.g. a
+    CurveZMQ public key in Z85; ``None`` where the transport has no authentication)."""
+
+    conn: Hashable
+    key: str | None = None
+
+    def __str__(self) -> str:
+        return f"{self.conn!r}" + (f" (key {self.key[:8]}...)" if self.key else "")
+
+
+#: The peer of a transport that cannot tell connections apart (and of direct calls).
+ANONYMOUS = Peer("anonymous")
 
 
 class ClientChannel(ABC):
@@ -71,6 +94,8 @@ class ServerChannel(ABC):
 
     #: The address a client passes to :meth:`Transport.connect` to reach this server.
     address: str
+    #: Who sent the request last returned by :meth:`recv` (see the module doc).
+    peer: Peer = ANONYMOUS
 
     @abstractmethod
     def recv(self, timeout: float | None) -> list[Any] | None:
@@ -79,6 +104,11 @@ class ServerChannel(ABC):
     @abstractmethod
     def send(self, frames: Frames) -> None:
         """Answer the request last returned by :meth:`recv`."""
+
+    def departed(self) -> list[Peer]:
+        """Peers whose connection closed since the last call (each reported once). A
+        transport that cannot tell returns ``[]``; the server then relies on idle expiry."""
+        return []
 
     @abstractmethod
     def close(self) -> None:
@@ -116,3 +146,7 @@ class Transport(ABC):
     @abstractmethod
     def connect(self, address: str, watchdog: Watchdog | None = None) -> ClientChannel:
         """Connect to a server; ``watchdog`` lets blocking waits notice a dead peer early."""
+
+    def check_address(self, address: str) -> None:
+        """Raise :class:`TransportError` if a client could never reach ``address`` (wrong
+        scheme, a port out of range): called before anything starts."""

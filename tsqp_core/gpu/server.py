@@ -10,16 +10,33 @@ and sends the plan; the server checks each against what it holds, builds (once) 
 for the plan's ops -- wrapped by the protection's GPU-side part when the scheme has one --
 and answers with a plan id and what it actually runs (device, dtype, executor options,
 attention kernel).
+
+**Clients are kept apart.** Plans and sessions (KV caches) belong to the connection that
+made them (:class:`~tsqp_core.transport.Peer`, with its authenticated key where the
+transport has one): a plan id or session id of another connection means nothing to this
+one, so no client can see, use or evict another's. Limits are per client and refusals are
+clear: a client holds at most ``max_sessions`` live sessions (one more is refused, never a
+live one evicted) and :data:`MAX_PLANS` plans (its own oldest goes); the server holds at
+most ``max_clients`` clients -- a hello beyond that is refused unless a client has been
+idle for ``idle_s``, whose state is then dropped -- and one authenticated key at most half
+of them. A connection that closes frees its state
+at once where the transport reports it (:meth:`GpuServer.forget`).
+
+**Sizes.** Before its hello a connection may send :data:`protocol.PRE_HELLO_BYTES`; after,
+the largest request its plans allow for the batch and positions it declared. A bigger
+request is refused before it is decoded.
+
+Unexpected errors are logged, rate-limited (:class:`~tsqp_core.errlog.RateLimitedLog`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import threading
+import time
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -28,6 +45,7 @@ import torch
 
 from tsqp_core import __version__, codec, protocol
 from tsqp_core.codec import ProtocolError
+from tsqp_core.errlog import RateLimitedLog
 from tsqp_core.executor import Backend, Executor, GpuCall
 from tsqp_core.gpu.tamper import Tamper
 from tsqp_core.graph import STATEFUL, Op, forward_ops
@@ -36,9 +54,12 @@ from tsqp_core.models.source import Checkpoint, fingerprint
 from tsqp_core.plugins import PluginError
 from tsqp_core.protocol import CallRequest, End, Hello, HelloReply, Ping
 from tsqp_core.schedule import Call
-from tsqp_core.transport import MessageTooLarge, ServerChannel
+from tsqp_core.transport import ANONYMOUS, MessageTooLarge, Peer, ServerChannel
 
-MAX_PLANS = 8
+#: Plans one client may hold (its own oldest goes when it makes one more).
+MAX_PLANS = 4
+#: The largest batch a hello may declare.
+MAX_BATCH = 4096
 ATTENTION = frozenset({"rope", "attn_scores", "attn_softmax", "attn_context"})
 
 
@@ -50,12 +71,31 @@ class RequestError(ValueError):
 class _Plan:
     calls: list[GpuCall]
     backend: Backend
+    #: What the hello declared: no call may go beyond.
+    batch: int
+    positions: int
+    #: The largest legitimate request of this plan, in bytes.
+    max_request: int
+
+
+@dataclass
+class _Client:
+    """What one connection holds on the GPU side."""
+
+    peer: Peer
+    plans: OrderedDict[str, _Plan] = field(default_factory=OrderedDict)
+    sessions: OrderedDict[int, Any] = field(default_factory=OrderedDict)
+    last_seen: float = field(default_factory=time.monotonic)
+
+    def max_request(self) -> int:
+        return max([protocol.PRE_HELLO_BYTES, *(p.max_request for p in self.plans.values())])
 
 
 class GpuServer:
     def __init__(self, model_dir: Path, executor: Executor, executor_name: str,
                  dtype: torch.dtype, device: torch.device, max_sessions: int = 4,
-                 tamper: Tamper | None = None) -> None:
+                 tamper: Tamper | None = None, max_clients: int = 8,
+                 idle_s: float = 600.0) -> None:
         self.ckpt = Checkpoint(model_dir)
         self.fingerprint = fingerprint(model_dir)
         self.executor = executor
@@ -64,12 +104,14 @@ class GpuServer:
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.device = device
         self.max_sessions = max_sessions
+        self.max_clients = max_clients
+        self.idle_s = idle_s
         #: Deliberate corruption of replies (tests and demonstrations only; see tamper.py).
         self.tamper = tamper
         self.dims = self.ckpt.dims
         self._ops = {(op.kind, op.layer): op for op in forward_ops(self.dims.layers)}
-        self._plans: OrderedDict[str, _Plan] = OrderedDict()
-        self._sessions: OrderedDict[int, Any] = OrderedDict()
+        self._clients: dict[Peer, _Client] = {}
+        self._log = RateLimitedLog("tsqp serve")
         self._backend: Backend | None = None
         self._kinds: frozenset[str] = frozenset()
         #: GPU-side parts of protection schemes, by (name, options), around ``_backend``.
@@ -88,19 +130,40 @@ class GpuServer:
     def serve(self, channel: ServerChannel, stop: threading.Event | None = None,
               poll_s: float = 0.2) -> None:
         """Answer requests until ``stop`` is set (or forever)."""
-        serve_loop(channel, self.handle, stop, poll_s)
+        serve_loop(channel, self.handle, stop, poll_s, self.forget)
 
-    def handle(self, frames: list[Any]) -> list[Any]:
-        """One request's frames in, the reply's frames out. Never raises."""
-        reply = self._handle(frames)
+    def forget(self, peer: Peer) -> None:
+        """``peer``'s connection closed: drop its plans and sessions."""
+        self._clients.pop(peer, None)
+
+    @property
+    def clients(self) -> int:
+        return len(self._clients)
+
+    def live_sessions(self) -> dict[tuple[Peer, int], Any]:
+        """Every live session's cache, by (client, session id): for tests and reports."""
+        return {(c.peer, sid): cache for c in self._clients.values()
+                for sid, cache in c.sessions.items()}
+
+    def handle(self, frames: list[Any], peer: Peer = ANONYMOUS) -> list[Any]:
+        """One request's frames in (from ``peer``), the reply's frames out. Never raises."""
+        reply = self._handle(frames, peer)
         for observer in self._observers:
             observer(frames, reply)
         return reply
 
-    def _handle(self, frames: list[Any]) -> list[Any]:
+    def _handle(self, frames: list[Any], peer: Peer) -> list[Any]:
         req_id: int | None = None
         try:
             t0 = now_ns()
+            client = self._clients.get(peer)
+            size = sum(memoryview(f).nbytes for f in frames)
+            limit = client.max_request() if client else protocol.PRE_HELLO_BYTES
+            if size > limit:
+                req_id = _peek_id(frames)
+                raise RequestError(
+                    f"a request of {size} bytes exceeds this connection's limit of {limit} "
+                    + ("(the largest call of its plans)" if client else "before hello"))
             try:
                 req = protocol.decode_request(frames)
             except ProtocolError:
@@ -108,37 +171,78 @@ class GpuServer:
                 raise
             req_id = req.id
             msg = req.message
+            if client is not None:
+                client.last_seen = time.monotonic()
             if isinstance(msg, CallRequest):
-                return self._call(req_id, msg, req.tensors, now_ns() - t0)
+                if client is None:
+                    raise RequestError("unknown plan: send hello first")
+                return self._call(client, req_id, msg, req.tensors, now_ns() - t0)
             if isinstance(msg, Hello):
-                return protocol.encode_reply(req_id, self._hello(msg).header())
+                header = self._hello(peer, msg).header()
+                if self.tamper is not None:
+                    self.tamper.hello(header)
+                return protocol.encode_reply(req_id, header)
             if isinstance(msg, End):
-                self._sessions.pop(msg.session, None)
+                if client is not None:
+                    client.sessions.pop(msg.session, None)
             elif not isinstance(msg, Ping):  # pragma: no cover - REQUESTS lists them all
                 raise ProtocolError(f"unhandled message {type(msg).__name__}")
             return protocol.encode_reply(req_id)
         except (ProtocolError, RequestError, PluginError) as exc:
             return protocol.encode_error(req_id, str(exc))
         except Exception as exc:  # a bug or a device error: report it, keep serving
-            print(f"tsqp serve: error in request {req_id}: {exc!r:.500}", file=sys.stderr)
+            self._log(protocol.clean_text(f"error in request {req_id}: {exc!r}", 500))
             return protocol.encode_error(req_id, f"{type(exc).__name__}: {exc}")
+
+    def _client(self, peer: Peer) -> _Client:
+        """``peer``'s state, made at its first hello if the server has room."""
+        client = self._clients.get(peer)
+        if client is not None:
+            return client
+        if len(self._clients) >= self.max_clients:
+            now = time.monotonic()
+            idle = [c for c in self._clients.values() if now - c.last_seen >= self.idle_s]
+            for c in sorted(idle, key=lambda c: c.last_seen)[:1]:
+                del self._clients[c.peer]
+        if len(self._clients) >= self.max_clients:
+            raise RequestError(f"the GPU side is full: it serves {self.max_clients} clients "
+                               "at once (server.max_clients) and none has been idle for "
+                               f"{self.idle_s:g} s; try again later")
+        if peer.key is not None:
+            per_key = max(1, self.max_clients // 2)
+            if sum(c.peer.key == peer.key for c in self._clients.values()) >= per_key:
+                raise RequestError(f"this client key already holds {per_key} of the "
+                                   f"{self.max_clients} connections a GPU side serves; close "
+                                   "one first")
+        client = self._clients[peer] = _Client(peer)
+        return client
 
     # --- hello: agree on model, protection and plan ----------------------------------------
 
-    def _hello(self, h: Hello) -> HelloReply:
+    def _hello(self, peer: Peer, h: Hello) -> HelloReply:
         mine = {"fingerprint": self.fingerprint, "executor": self.executor_name,
                 "dtype": self.dtype_name}
         for key, value in mine.items():
             if getattr(h, key) != value:
-                what = "model fingerprint (checkpoint contents)" if key == "fingerprint" else key
+                if key == "fingerprint":  # never tell a stranger which model this is
+                    raise RequestError(
+                        f"the client's model fingerprint {h.fingerprint!r:.40} is not this "
+                        "server's (the checkpoints' contents differ); start a server with the "
+                        "same model")
                 raise RequestError(
-                    f"the server's {what} is {value!r} but the client's is "
+                    f"the server's {key} is {value!r} but the client's is "
                     f"{getattr(h, key)!r:.80}; start a server with the same model, executor "
                     "and dtype")
+        if not 1 <= h.batch <= MAX_BATCH:
+            raise RequestError(f"a batch of {h.batch} is beyond this server's {MAX_BATCH}")
+        if not 1 <= h.positions <= self.dims.max_positions:
+            raise RequestError(f"{h.positions} positions exceed the model's "
+                               f"{self.dims.max_positions}")
         protection = self._protection(h.protection)
         calls = [self._check_call(i, entry, protection) for i, entry in enumerate(h.plan)]
         if not calls:
             raise RequestError("the plan has no calls")
+        client = self._client(peer)
         kinds = frozenset(op.kind for c in calls for op in c.ops)
         if self._backend is None or not kinds <= self._kinds:
             self._kinds = self._kinds | kinds
@@ -152,11 +256,14 @@ class GpuServer:
                     self._backend, self.ckpt, self._kinds, self.dtype, self.device)
             backend = self._protected[key]
         wire_plan = [e.to_wire() for e in h.plan]
-        plan_id = hashlib.sha256(json.dumps([wire_plan, key]).encode()).hexdigest()[:16]
-        self._plans[plan_id] = _Plan(calls, backend)
-        self._plans.move_to_end(plan_id)
-        while len(self._plans) > MAX_PLANS:
-            self._plans.popitem(last=False)
+        plan_id = hashlib.sha256(json.dumps([wire_plan, key, h.batch, h.positions]).encode()
+                                 ).hexdigest()[:16]
+        max_request = protocol.message_limit([c.wire for c in calls], h.batch, h.positions,
+                                             "request")
+        client.plans[plan_id] = _Plan(calls, backend, h.batch, h.positions, max_request)
+        client.plans.move_to_end(plan_id)
+        while len(client.plans) > MAX_PLANS:  # only ever its own
+            client.plans.popitem(last=False)
         backend.prepare(calls)  # before info(): a compiling backend reports its compile time
         return HelloReply(plan_id, self.info(kinds, h.protection), self.dims.__dict__)
 
@@ -210,26 +317,27 @@ class GpuServer:
 
     # --- call -------------------------------------------------------------------------------
 
-    def _call(self, req_id: int, req: CallRequest, tensors: dict[str, torch.Tensor],
-              t_decode: int) -> list[Any]:
+    def _call(self, client: _Client, req_id: int, req: CallRequest,
+              tensors: dict[str, torch.Tensor], t_decode: int) -> list[Any]:
         t_checks = now_ns()
-        plan = self._plans.get(req.plan)
+        plan = client.plans.get(req.plan)
         if plan is None:
             raise RequestError("unknown plan: send hello first")
         if req.call >= len(plan.calls):
             raise RequestError(f"call index {req.call} out of range")
         call = plan.calls[req.call]
         sizes = protocol.check_tensors(call.wire.inputs, tensors, None, req.past, req.last)
-        if sizes["S"] > self.dims.max_positions:
-            raise RequestError(f"{sizes['S']} positions exceed the model's "
-                               f"{self.dims.max_positions}")
+        if sizes["S"] > plan.positions or sizes["B"] > plan.batch:
+            raise RequestError(f"a call of batch {sizes['B']} over {sizes['S']} positions is "
+                               f"beyond what the hello declared ({plan.batch}, "
+                               f"{plan.positions})")
         session = req.session
-        cache = self._session(session, plan.backend)
+        cache = self._session(client, session, plan.backend)
         for op in call.ops:
             if op.kind in STATEFUL:
                 have = cache.length(op.layer, "k" if op.kind == "attn_scores" else "v")
                 if have != req.past:
-                    self._sessions.pop(session, None)
+                    client.sessions.pop(session, None)
                     raise RequestError(f"layer {op.layer} cache holds {have} positions, call says "
                                        f"past={req.past}; session {session} reset")
         env = dict(tensors)
@@ -239,26 +347,34 @@ class GpuServer:
             plan.backend.run(call, env, cache, req.last)
             plan.backend.synchronize()
         except Exception:
-            self._sessions.pop(session, None)  # half-appended cache: never reuse it
+            client.sessions.pop(session, None)  # half-appended cache: never reuse it
             raise
         t_compute = now_ns() - t0
         t0 = now_ns()
         out = {t.name: env[t.name] for t in call.wire.outputs}
-        if self.tamper is not None:
-            self.tamper.apply(call.index, out)
+        lie = self.tamper is not None and self.tamper.chosen(call.index)
+        if lie:
+            text = self.tamper.before_reply()
+            if text is not None:  # raw, as a hostile server would send it
+                return codec.pack({protocol.ID: req_id, protocol.OK: False,
+                                   protocol.ERROR: text}, [], [])
         specs, buffers = codec.encode_tensors(out)
         t_encode = now_ns() - t0
-        return protocol.encode_reply(
-            req_id, protocol.CallReply(t_decode, t_compute, t_encode).header(), specs, buffers)
+        header = protocol.CallReply(t_decode, t_compute, t_encode).header()
+        if lie:
+            self.tamper.reply(header, out)
+            specs, buffers = codec.encode_tensors(out)
+        return protocol.encode_reply(req_id, header, specs, buffers)
 
-    def _session(self, session: int, backend: Backend) -> Any:
-        cache = self._sessions.get(session)
+    def _session(self, client: _Client, session: int, backend: Backend) -> Any:
+        cache = client.sessions.get(session)
         if cache is None:
-            cache = backend.new_cache()
-            self._sessions[session] = cache
-            while len(self._sessions) > self.max_sessions:
-                self._sessions.popitem(last=False)
-        self._sessions.move_to_end(session)
+            if len(client.sessions) >= self.max_sessions:
+                raise RequestError(
+                    f"this client already has {len(client.sessions)} live sessions "
+                    f"(server.max_sessions={self.max_sessions}); end one before starting "
+                    "another")
+            cache = client.sessions[session] = backend.new_cache()
         return cache
 
 
@@ -271,14 +387,19 @@ def _peek_id(frames: list[Any]) -> int | None:
     return protocol.request_id(header) if isinstance(header, dict) else None
 
 
-def serve_loop(channel: ServerChannel, handle: Callable[[list[Any]], list[Any]],
-               stop: threading.Event | None, poll_s: float) -> None:
-    """Receive, ``handle`` (which never raises), reply -- until ``stop`` is set."""
+def serve_loop(channel: ServerChannel, handle: Callable[[list[Any], Peer], list[Any]],
+               stop: threading.Event | None, poll_s: float,
+               forget: Callable[[Peer], None] | None = None) -> None:
+    """Receive, ``handle(frames, peer)`` (which never raises), reply -- until ``stop`` is
+    set; ``forget(peer)`` for every peer the channel reports gone."""
     while stop is None or not stop.is_set():
         frames = channel.recv(timeout=poll_s)
+        if forget is not None:
+            for peer in channel.departed():
+                forget(peer)
         if frames is None:
             continue
-        send_reply(channel, handle(frames))
+        send_reply(channel, handle(frames, channel.peer))
 
 
 def send_reply(channel: ServerChannel, reply: list[Any]) -> None:
@@ -290,13 +411,17 @@ def send_reply(channel: ServerChannel, reply: list[Any]) -> None:
         channel.send(protocol.encode_error(_peek_id(reply), f"reply not sent: {exc}"))
 
 
-def serve_forever(server: GpuServer, channel: ServerChannel, on_ready: Callable[[str], None]) -> None:
-    """Serve until SIGTERM/SIGINT; the channel is closed in exactly this one place."""
+def serve_forever(server: GpuServer, channel: ServerChannel,
+                  on_ready: Callable[[str], None]) -> int | None:
+    """Serve until SIGTERM/SIGINT (returns which); the channel is closed in exactly this one
+    place."""
     import signal
 
     stop = threading.Event()
+    got: list[int] = []
 
     def _stop(signum: int, frame: Any) -> None:
+        got.append(signum)
         stop.set()
 
     signal.signal(signal.SIGTERM, _stop)
@@ -306,3 +431,4 @@ def serve_forever(server: GpuServer, channel: ServerChannel, on_ready: Callable[
         server.serve(channel, stop)
     finally:
         channel.close()
+    return got[0] if got else None

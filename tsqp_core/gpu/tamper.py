@@ -1,13 +1,24 @@
 """A lying GPU side, on purpose: corrupt chosen replies to show that the TEE notices.
 
-``server.tamper`` (off by default) makes the GPU side change the first wire output of chosen
-calls after computing it honestly -- the malicious host of the threat model. It exists for
-tests, demonstrations and the integrity figures; a real deployment never sets it, and it
-changes nothing about what the TEE side checks.
+``server.tamper`` (off by default) makes the GPU side misbehave on chosen calls after
+computing them honestly -- the malicious host of the threat model. It exists for tests,
+demonstrations and the integrity figures; a real deployment never sets it, and it changes
+nothing about what the TEE side checks. Every kind has its expected clear error on the TEE
+side (``tests/test_hostile_gpu.py`` holds the list); none lets a run exit 0.
 
-* ``what``: ``element`` (one element nudged: +1 for integer tensors, which for residues is
-  another residue class; for floats, by ``size`` times the tensor's mean magnitude), ``nan``,
-  ``inf``, ``huge`` (1e30), ``zero`` (the whole output zeroed);
+* ``what``, the lie:
+
+  - in the first wire output of the call: ``element`` (one element nudged: +1 for integer
+    tensors, which for residues is another residue class; for floats, by ``size`` times the
+    tensor's mean magnitude), ``nan``, ``inf``, ``huge`` (1e30), ``zero`` (the whole output
+    zeroed);
+  - in the reply around it: ``timing`` (the server claims 10^15 ns), ``error`` (the call
+    is refused with 100 KB of text full of terminal escape codes), ``oversize`` (an extra
+    16 MiB tensor rides along), ``stall`` (the call is never answered), ``exit`` (the GPU
+    side dies mid-call);
+  - at ``hello`` (``call`` is ignored): ``no_plan_id`` (the reply lacks its plan id),
+    ``dims`` (it reports other model dimensions);
+
 * ``call``: the call index of the plan to corrupt (``null``: every call);
 * ``after``: leave this many matching calls honest first;
 * ``seed``: which element is nudged is drawn from a generator with this seed;
@@ -18,16 +29,29 @@ On the command line: ``server.tamper={what:element,call:7}``.
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+import time
+from typing import Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+#: Lies told in a call's first wire output.
+TENSOR_LIES = ("element", "nan", "inf", "huge", "zero")
+#: Lies told in the call's reply around its tensors.
+REPLY_LIES = ("timing", "error", "oversize", "stall", "exit")
+#: Lies told at hello.
+HELLO_LIES = ("no_plan_id", "dims")
+
+#: What ``error`` answers with: long, and full of escape codes a terminal would obey.
+ERROR_TEXT = ("\x1b[2J\x1b[31mGPU side says: " + "\x07\x1b]0;pwned\x07" * 4) * 2000
 
 
 class Tamper(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    what: Literal["element", "nan", "inf", "huge", "zero"] = "element"
+    what: Literal["element", "nan", "inf", "huge", "zero", "timing", "error", "oversize",
+                  "stall", "exit", "no_plan_id", "dims"] = "element"
     call: int | None = Field(None, ge=0)
     after: int = Field(0, ge=0)
     seed: int = 0
@@ -46,12 +70,47 @@ class Tamper(BaseModel):
         self._seen = 0
         self._gen = torch.Generator().manual_seed(self.seed)
 
-    def apply(self, call: int, out: dict[str, torch.Tensor]) -> None:
-        """Corrupt ``out``'s first tensor in place (a copy replaces it) when chosen."""
-        if self.call is not None and call != self.call:
-            return
+    # --- hello ------------------------------------------------------------------------------
+
+    def hello(self, header: dict[str, Any]) -> None:
+        """Lie in a hello reply's header (in place), when told to."""
+        if self.what == "no_plan_id":
+            header.pop("plan_id", None)
+        elif self.what == "dims":
+            header["dims"] = {**header["dims"], "hidden": header["dims"]["hidden"] * 2}
+
+    # --- calls --------------------------------------------------------------------------------
+
+    def chosen(self, call: int) -> bool:
+        """Whether call ``call`` is to be corrupted (counts it against ``after``)."""
+        if self.what in HELLO_LIES or (self.call is not None and call != self.call):
+            return False
         self._seen += 1
-        if self._seen <= self.after or not out:
+        return self._seen > self.after
+
+    def before_reply(self) -> str | None:
+        """For a chosen call: act out ``stall`` and ``exit`` here; ``error`` returns the text
+        to refuse the call with."""
+        if self.what == "stall":
+            time.sleep(3600)
+        elif self.what == "exit":
+            os._exit(17)
+        elif self.what == "error":
+            return ERROR_TEXT
+        return None
+
+    def reply(self, header: dict[str, Any], out: dict[str, torch.Tensor]) -> None:
+        """Lie in a chosen call's reply: its header and its tensors, in place."""
+        if self.what == "timing":
+            header["t"] = [0, 10**15, 0]
+        elif self.what == "oversize":
+            out["padding"] = torch.zeros(16 << 20, dtype=torch.uint8)
+        elif self.what in TENSOR_LIES:
+            self._tensor(out)
+
+    def _tensor(self, out: dict[str, torch.Tensor]) -> None:
+        """Corrupt ``out``'s first tensor (a copy replaces it)."""
+        if not out:
             return
         name = next(iter(out))
         t = out[name].clone()
@@ -70,3 +129,8 @@ class Tamper(BaseModel):
         else:
             flat[i] = flat[i] + 1 if int(flat[i]) < torch.iinfo(t.dtype).max else flat[i] - 1
         out[name] = t
+
+    def apply(self, call: int, out: dict[str, torch.Tensor]) -> None:
+        """Corrupt ``out``'s first tensor in place when ``call`` is chosen (tensor lies)."""
+        if self.chosen(call) and self.what in TENSOR_LIES:
+            self._tensor(out)

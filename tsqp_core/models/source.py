@@ -92,9 +92,24 @@ def validate_checkpoint(path: Path) -> None:
 
 
 def load_config(path: Path) -> Any:
+    """The checkpoint's LlamaConfig, once its raw config.json passed
+    :func:`~tsqp_core.models.check.check_config`."""
     from transformers import LlamaConfig
 
-    config = LlamaConfig.from_pretrained(path)
+    from tsqp_core.models.check import check_config
+
+    cfg_file = path / "config.json"
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"{cfg_file}: unreadable config ({exc})") from None
+    if not isinstance(raw, dict):
+        raise ModelError(f"{cfg_file}: not a JSON map")
+    check_config(raw, str(cfg_file), _llama_defaults())
+    try:
+        config = LlamaConfig.from_pretrained(path)
+    except Exception as exc:  # transformers validates too, with many exception types
+        raise ModelError(f"{cfg_file}: {type(exc).__name__}: {exc}") from None
     for flag in ("attention_bias", "mlp_bias"):
         if getattr(config, flag, False):
             raise ModelError(f"model at {path}: {flag}=true is not supported")
@@ -110,6 +125,14 @@ def load_config(path: Path) -> Any:
     except ValueError as exc:
         raise ModelError(f"model at {path}: {exc}") from None
     return config
+
+
+def _llama_defaults() -> dict[str, Any]:
+    """What LlamaConfig assumes for keys a config leaves out."""
+    from transformers import LlamaConfig
+
+    return {k: v for k, v in LlamaConfig().to_dict().items()
+            if k not in ("head_dim", "num_key_value_heads")}  # derived from the others
 
 
 def dims_of(config: Any) -> Dims:
@@ -184,10 +207,13 @@ class Checkpoint:
     def __init__(self, path: Path) -> None:
         from safetensors import safe_open
 
+        from tsqp_core.models.check import check_weights
+
         self.path = path
         self.config = load_config(path)
         self.dims = dims_of(self.config)
         self.tied = bool(getattr(self.config, "tie_word_embeddings", False))
+        check_weights(path, self.dims, self.tied)
         self._files = [safe_open(str(f), framework="pt") for f in sorted(path.glob("*.safetensors"))]
         self._where = {k: f for f in self._files for k in f.keys()}
 
@@ -271,25 +297,9 @@ def random_state_dict(config: Any, seed: int) -> dict[str, torch.Tensor]:
     Each tensor has its own generator (seeded from the model seed and the tensor name), so
     the result does not depend on creation order. Linear layers use N(0, 1/fan_in), norms
     1 + N(0, 0.1^2) (so a dropped norm weight shows in the logits), embeddings N(0, 1)."""
-    dims = dims_of(config)
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (dims.vocab, dims.hidden),
-                                          "model.norm.weight": (dims.hidden,)}
-    hq, hk = dims.heads * dims.head_dim, dims.kv_heads * dims.head_dim
-    for i in range(dims.layers):
-        p = f"model.layers.{i}."
-        shapes |= {
-            p + "input_layernorm.weight": (dims.hidden,),
-            p + "post_attention_layernorm.weight": (dims.hidden,),
-            p + "self_attn.q_proj.weight": (hq, dims.hidden),
-            p + "self_attn.k_proj.weight": (hk, dims.hidden),
-            p + "self_attn.v_proj.weight": (hk, dims.hidden),
-            p + "self_attn.o_proj.weight": (dims.hidden, hq),
-            p + "mlp.gate_proj.weight": (dims.intermediate, dims.hidden),
-            p + "mlp.up_proj.weight": (dims.intermediate, dims.hidden),
-            p + "mlp.down_proj.weight": (dims.hidden, dims.intermediate),
-        }
-    if not getattr(config, "tie_word_embeddings", False):
-        shapes["lm_head.weight"] = (dims.vocab, dims.hidden)
+    from tsqp_core.models.check import weight_shapes
+
+    shapes = weight_shapes(dims_of(config), bool(getattr(config, "tie_word_embeddings", False)))
     out = {}
     for name, shape in shapes.items():
         g = torch.Generator().manual_seed(_tensor_seed(seed, name))
@@ -311,7 +321,17 @@ def materialize_random(spec: ModelSpec) -> Path:
     target = cache_root() / "models" / f"{spec.name}-{key[:12]}"
     if (target / "tsqp-source.json").is_file():
         return target
-    config = LlamaConfig(**spec.config)
+    from tsqp_core.models.check import MAX_RANDOM_PARAMETERS, check_config, parameters
+
+    check_config(spec.config, f"model '{spec.name}' (model.config)", _llama_defaults())
+    try:
+        config = LlamaConfig(**spec.config)
+    except Exception as exc:  # transformers' own validation
+        raise ModelError(f"model '{spec.name}': {type(exc).__name__}: {exc}") from None
+    n = parameters(dims_of(config), bool(getattr(config, "tie_word_embeddings", False)))
+    if n > MAX_RANDOM_PARAMETERS:
+        raise ModelError(f"model '{spec.name}': {n:.3g} random parameters is more than the "
+                         f"{MAX_RANDOM_PARAMETERS:.0e} tsqp materialises; use a checkpoint")
     target.parent.mkdir(parents=True, exist_ok=True)
     print(f"tsqp: creating random model '{spec.name}' (seed {spec.seed}) in {target} (once)",
           file=sys.stderr)

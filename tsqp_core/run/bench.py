@@ -8,6 +8,7 @@ and is reported as ``offline``.
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 from typing import Any
@@ -121,6 +122,15 @@ def reference_compiled(p: Prepared, server: dict[str, Any]) -> bool:
     return bool(server.get("compile"))
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max |a - b|, where any NaN or Inf on either side counts as an infinite difference
+    (``max`` and ``torch.max`` would let a NaN compare as equal or propagate silently)."""
+    a, b = a.float(), b.float()
+    if not (bool(torch.isfinite(a).all()) and bool(torch.isfinite(b).all())):
+        return math.inf
+    return float((a - b).abs().max()) if a.numel() else 0.0
+
+
 def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]:
     """Run transformers on the same weights, dtype and threads; compare and time it.
 
@@ -161,6 +171,8 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
     else:
         impl, compiled, compile_ms = ref.impl, False, None
     diff, tokens_match = _agreement(outputs, last, w.kind)
+    finite = math.isfinite(diff)
+    tokens_match = tokens_match and finite  # a non-finite logit is never a match
     return {"impl": impl, "compiled": compiled, "compile_ms": compile_ms,
             "checked_against": check.impl,
             "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
@@ -168,7 +180,10 @@ def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]
                            "repeats_total": [t / 1e6 for t in totals],
                            "repeats_ttft": [t / 1e6 for t in ttfts],
                            "repeats_tpot": [t / 1e6 for t in tpots]},
-            "max_abs_logit_diff": diff, "tokens_match": tokens_match,
+            # JSON has no NaN or Infinity: a non-finite difference is null, and says why
+            "max_abs_logit_diff": diff if finite else None,
+            **({} if finite else {"mismatch": "non-finite logits (NaN or Inf) on one side"}),
+            "tokens_match": tokens_match,
             "reference_tokens": last.tokens if w.kind != "prefill" else None}
 
 
@@ -185,15 +200,14 @@ def _reference_run(ref: Any, prompt: torch.Tensor, kind: str,
 
 
 def _agreement(outputs: Any, ref: Any, kind: str) -> tuple[float, bool]:
-    """Max |dlogit| and whether greedy tokens match; in generation the logits are compared
-    up to the first step whose inputs differ."""
+    """Max |dlogit| (infinite when either side is not finite) and whether greedy tokens
+    match; in generation the logits are compared up to the first step whose inputs differ."""
     if kind == "prefill":
-        diff = (outputs.float() - ref.float()).abs().max().item()
-        return diff, bool(torch.equal(outputs.argmax(-1), ref.argmax(-1)))
+        return max_abs_diff(outputs, ref), bool(torch.equal(outputs.argmax(-1), ref.argmax(-1)))
     diff = 0.0
     for a, b, ref_tokens, tokens in zip(outputs.step_logits, ref.step_logits,
                                         zip(*ref.tokens), zip(*outputs.tokens)):
-        diff = max(diff, (a.float() - b.float()).abs().max().item())
+        diff = max(diff, max_abs_diff(a, b))  # never max(x, nan): nan is inf here
         if ref_tokens != tokens:  # inputs differ from here on
             break
     return diff, ref.tokens == outputs.tokens

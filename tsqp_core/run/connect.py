@@ -19,8 +19,9 @@ from tsqp_core.protection import PublicWeights, SecureRandom, TeeContext
 from tsqp_core.protocol import Hello, HelloReply
 from tsqp_core.run.prepare import Prepared
 from tsqp_core.schedule import plan_entries
-from tsqp_core.tee.client import RemoteGpu
+from tsqp_core.tee.client import RemoteError, RemoteGpu
 from tsqp_core.tee.pipeline import SplitModel
+from tsqp_core.tee.validate import ValueCheck
 
 
 @dataclass
@@ -30,6 +31,11 @@ class Connected:
     hello: HelloReply
     #: The server object when it runs in this process (``transport=inproc``), else None.
     local_server: Any
+    #: The GPU side's process id (this process for inproc; None for server.address).
+    server_pid: int | None = None
+    #: Where the GPU side listens, and how to tell it died (for a second connection).
+    address: str = ""
+    watchdog: Any = None
 
 
 def server_spec(p: Prepared) -> ServerSpec:
@@ -38,16 +44,21 @@ def server_spec(p: Prepared) -> ServerSpec:
                       model_dir=str(p.model_dir),
                       executor={"name": cfg.executor.name, "options": cfg.executor.options},
                       dtype=cfg.dtype, device=cfg.device, threads=cfg.threads.gpu,
-                      max_sessions=cfg.server.max_sessions, tamper=cfg.server.tamper)
+                      max_sessions=cfg.server.max_sessions, tamper=cfg.server.tamper,
+                      max_clients=cfg.server.max_clients, idle_s=cfg.server.idle_s)
 
 
 @contextlib.contextmanager
-def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = ()
-            ) -> Iterator[Connected]:
+def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = (), *,
+            batch: int | None = None, positions: int | None = None) -> Iterator[Connected]:
     """A connected split model. ``observers`` watch every request the GPU side receives and
     its reply, from the hello on (see :meth:`tsqp_core.gpu.server.GpuServer.observe`); they
-    need the GPU side in this process (``transport=inproc``)."""
+    need the GPU side in this process (``transport=inproc``). ``batch`` and ``positions``:
+    the largest any forward will use, declared at hello (default: the workload's); the GPU
+    side refuses calls beyond them."""
     cfg = p.cfg
+    batch = int(p.prompt.shape[0]) if batch is None else batch
+    positions = p.positions if positions is None else positions
     if observers and not p.transport.in_process:
         raise ValueError("observing the GPU side needs it in this process: transport=inproc")
     tee_kinds = {step.kind for step in p.schedule.steps if isinstance(step, Op)}
@@ -67,7 +78,8 @@ def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = ()
                               dtype=cfg.dtype,
                               protection={"name": cfg.protection.name,
                                           "options": dict(cfg.protection.options)},
-                              plan=plan_entries(p.schedule, p.wires))
+                              plan=plan_entries(p.schedule, p.wires),
+                              batch=batch, positions=positions)
             if side.server is not None:
                 # one process: bind first, so the GPU side's setup can reuse what the
                 # scheme prepared (public-weight residues)
@@ -81,11 +93,15 @@ def connect(p: Prepared, observers: Sequence[Callable[[list, list], None]] = ()
                         hello = remote.hello(hello_msg, timeout=cfg.server.startup_timeout_s)
                     finally:
                         binding.result()
+            if hello.dims != p.ckpt.dims.__dict__:
+                raise RemoteError(f"the GPU side reports model dimensions {hello.dims}, not "
+                                  f"this model's {p.ckpt.dims.__dict__}")
             model = SplitModel(schedule=p.schedule, wires=p.wires, dims=p.ckpt.dims,
                                config=p.ckpt.config, weights=weights,
                                tee_impls=p.tee_ops.implementations(), remote=remote,
-                               protection=p.protection)
-            yield Connected(model, hello, side.server)
+                               protection=p.protection,
+                               check=ValueCheck(cfg.torch_dtype, cfg.server.max_abs_value))
+            yield Connected(model, hello, side.server, side.pid, side.address, side.watchdog)
         finally:
             p.protection.close()
             channel.close()

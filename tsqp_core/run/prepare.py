@@ -17,6 +17,7 @@ from tsqp_core.ops import rope_parameters
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.protocol import CallWire
 from tsqp_core.schedule import Schedule, build_schedule
+from tsqp_core.transport import TransportError
 
 
 class InputError(ValueError):
@@ -45,6 +46,13 @@ class Prepared:
     #: What the model section of results.json says about the checkpoint and the prompt.
     model_info: dict[str, Any]
 
+    @property
+    def positions(self) -> int:
+        """The most positions any forward of the workload attends over."""
+        w = self.cfg.workload
+        return int(self.prompt.shape[1]) + (w.new_tokens if w.kind in ("generate", "bench")
+                                             else 0)
+
 
 def prepare(cfg: RunConfig) -> Prepared:
     """All validation that needs no GPU side."""
@@ -64,6 +72,11 @@ def prepare(cfg: RunConfig) -> Prepared:
                               f"{exc.errors()[0]['msg']}") from None
     if cfg.server.address is None:  # a server we start here must find its device here
         resolve_device(cfg.device)
+    else:
+        try:
+            objs["transport"].check_address(cfg.server.address)
+        except TransportError as exc:
+            raise ConfigError(f"server.address: {exc}") from None
     model_dir = resolve(cfg.model)
     ckpt = Checkpoint(model_dir)  # refuses unsupported configs (RoPE type, biases, ...)
     ckpt.check_weights()
@@ -147,6 +160,11 @@ def make_prompt(cfg: RunConfig, ckpt: Checkpoint, tokenizer: Any) -> tuple[torch
         ids = tokenizer.encode(text)
         if not ids:
             raise InputError("the prompt encodes to no tokens")
+        bad = sorted({i for i in ids if not 0 <= i < ckpt.dims.vocab})
+        if bad:
+            raise InputError(f"the tokenizer gives token ids {bad[:5]} outside the model's "
+                             f"vocabulary of {ckpt.dims.vocab}: tokenizer and model do not "
+                             "match")
         prompt = torch.tensor([ids] * w.batch, dtype=torch.int64)
         note = f"prompt text of {len(ids)} tokens"
     else:

@@ -138,7 +138,9 @@ def reference_failure(result: dict[str, Any]) -> str | None:
         return None
     why = []
     diff, tol = ref["max_abs_logit_diff"], ref["tolerance"]
-    if not (isinstance(diff, (int, float)) and math.isfinite(diff) and diff <= tol):
+    if diff is None:  # a non-finite logit: JSON holds null and the reason
+        why.append(f"max |dlogit| not a number ({ref.get('mismatch', 'non-finite logits')})")
+    elif not (isinstance(diff, (int, float)) and math.isfinite(diff) and diff <= tol):
         why.append(f"max |dlogit| {diff:.3g} > {tol:.3g} ({result['config']['dtype']} tolerance)")
     if ref["tokens_match"] is not True:
         why.append("greedy tokens differ")
@@ -231,7 +233,9 @@ def summary(result: dict[str, Any]) -> str:
     if ref:
         ratio = (result.get("ratio") or {}).get("total")
         checked = ref.get("checked_against")
-        lines.append(f"reference ({ref['impl']}): max |dlogit| {ref['max_abs_logit_diff']:.3g}, "
+        diff = ref["max_abs_logit_diff"]
+        diff_text = f"{diff:.3g}" if diff is not None else f"n/a ({ref.get('mismatch')})"
+        lines.append(f"reference ({ref['impl']}): max |dlogit| {diff_text}, "
                      f"tokens match: {ref['tokens_match']}"
                      + (f" (against {checked}, untimed)" if checked and checked != ref["impl"]
                         else "")

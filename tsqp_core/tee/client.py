@@ -1,13 +1,17 @@
 """The TEE side's view of the GPU server: calls with validated replies and measured costs.
 
-Every reply is hostile input until checked: its id must answer the request, an error reply's
-text is cleaned before anyone prints it, its timings must be plausible (no part negative or
-longer than the round trip the client measured), and its tensors must be exactly the ones
-the plan's wire layout declares -- names, order, dtypes, shapes.
+Every reply is hostile input until checked: its size must be within what the plan allows
+(before it is decoded or copied), its id must answer the request, an error reply's text is
+cleaned before anyone prints it, its timings must be plausible (no part negative or longer
+than the round trip the client measured), its hello must say all it must (plan id, the
+model's dimensions; every string cleaned) and its tensors must be exactly the ones the plan's
+wire layout declares -- names, order, dtypes, shapes. What the values are is checked after
+the protection scheme opens them (:mod:`tsqp_core.tee.validate`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from typing import Any
 
@@ -36,6 +40,11 @@ class RemoteGpu:
         self._ids = itertools.count(1)
         self.plan_id: str | None = None
         self.server: dict[str, Any] = {}
+        #: The largest reply accepted: a hello reply is a header; after it, the plan's
+        #: largest call (:func:`protocol.message_limit`).
+        self.max_reply = protocol.PRE_HELLO_BYTES
+        #: The largest batch and positions the hello declared (calls beyond are refused).
+        self.batch = self.positions = 0
 
     def _exchange(self, message: Any, tensors: dict[str, torch.Tensor] | None = None,
                   timeout: float | None = None) -> tuple[codec.Message, list[Any], int, int, int]:
@@ -47,6 +56,10 @@ class RemoteGpu:
         t1 = now_ns()
         reply_frames = self.channel.request(frames, self.timeout if timeout is None else timeout)
         t2 = now_ns()
+        size = sum(memoryview(f).nbytes for f in reply_frames)
+        if size > self.max_reply:
+            raise RemoteError(f"the GPU side's reply to {message.METHOD} has {size} bytes, more "
+                              f"than the {self.max_reply} the plan allows; not read")
         try:
             reply = codec.decode(reply_frames, copy=self.borrowed)
             protocol.check_reply(reply, req_id)
@@ -58,6 +71,7 @@ class RemoteGpu:
         return reply, frames, t1 - t0, t2 - t1, now_ns() - t2
 
     def hello(self, hello: Hello, timeout: float | None = None) -> HelloReply:
+        self._hello, self._hello_timeout = hello, timeout
         reply, *_ = self._exchange(hello, timeout=timeout)
         try:
             parsed = HelloReply.parse(reply.header)
@@ -65,13 +79,26 @@ class RemoteGpu:
             raise RemoteError(f"malformed hello reply from the GPU side: {exc}") from None
         self.plan_id = parsed.plan_id
         self.server = parsed.server
+        self.max_reply = max(protocol.PRE_HELLO_BYTES, protocol.message_limit(
+            [e.wire for e in hello.plan], hello.batch, hello.positions, "reply"))
+        self.batch, self.positions = hello.batch, hello.positions
         return parsed
+
+    def widen(self, batch: int, positions: int) -> None:
+        """Say hello again, declaring at least ``batch`` and ``positions`` (a forward beyond
+        what the last hello declared): the GPU side makes a plan with the larger limits;
+        sessions, which belong to the connection, go on."""
+        if self.plan_id is None:
+            raise RemoteError("widen before hello")
+        self.hello(dataclasses.replace(self._hello, batch=max(batch, self.batch),
+                                       positions=max(positions, self.positions)),
+                   self._hello_timeout)
 
     def ping(self, timeout: float | None = None) -> None:
         self._exchange(Ping(), timeout=timeout)
 
-    def end(self, session: int) -> None:
-        self._exchange(End(session))
+    def end(self, session: int, timeout: float | None = None) -> None:
+        self._exchange(End(session), timeout=timeout)
 
     def call(self, site: Any, tensors: dict[str, torch.Tensor], meter: Meter
              ) -> dict[str, torch.Tensor]:

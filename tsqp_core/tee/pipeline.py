@@ -5,8 +5,10 @@
 protection scheme seals its input values into the wire tensors agreed at ``hello``
 (``protect``), :class:`~tsqp_core.tee.client.RemoteGpu` sends them and checks the reply, and
 the scheme opens the reply into the call's output values (``protect``) -- or raises
-:class:`~tsqp_core.protection.IntegrityError`. Values are dropped as soon as no later step
-reads them.
+:class:`~tsqp_core.protection.IntegrityError` -- and every value it opened must pass the
+content check of :mod:`tsqp_core.tee.validate` (finite, plausibly sized: ``serialize``).
+Values are dropped as soon as no later step reads them; what a forward returns owns its
+memory (it never pins a transport's receive buffer).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from tsqp_core.protocol import CallWire, sizes
 from tsqp_core.schedule import RESULT, Call, Schedule
 from tsqp_core.tee.client import RemoteGpu
 from tsqp_core.tee.sampling import Sampler
+from tsqp_core.tee.validate import ValueCheck
 
 
 @dataclass
@@ -41,7 +44,8 @@ class Session:
 class SplitModel:
     def __init__(self, *, schedule: Schedule, wires: Sequence[CallWire], dims: Dims, config: Any,
                  weights: Mapping[str, torch.Tensor], tee_impls: Mapping[str, ops.OpFn],
-                 remote: RemoteGpu, protection: Protection) -> None:
+                 remote: RemoteGpu, protection: Protection,
+                 check: ValueCheck | None = None) -> None:
         self.schedule = schedule
         self.wires = list(wires)
         self.dims = dims
@@ -51,6 +55,7 @@ class SplitModel:
         self.impls = {**ops.REFERENCE_OPS, **tee_impls}
         self.remote = remote
         self.protection = protection
+        self.check = check or ValueCheck(torch.float32)
         #: Forwards run so far (a call site's ``forward``).
         self.forwards = 0
 
@@ -61,12 +66,19 @@ class SplitModel:
         if session.past + tokens > self.dims.max_positions:
             raise ValueError(f"{session.past + tokens} positions exceed the model's context of "
                              f"{self.dims.max_positions}")
+        remote = self.remote
+        if batch > remote.batch or session.past + tokens > remote.positions:
+            # beyond what the hello declared (the workload's shapes): declare more, growing
+            # in steps so that a long generation says hello a few times, not every token
+            remote.widen(batch, min(self.dims.max_positions,
+                                    max(session.past + tokens, 2 * remote.positions)))
         self.forwards += 1
         env: dict[str, torch.Tensor] = {
             "ids": ids, "pos": torch.arange(session.past, session.past + tokens)}
         ctx = ops.OpContext(self.dims, self.weights, self.rope, self.eps, session.cache, last_only)
         call_sizes = sizes(batch, tokens, session.past, last_only)
-        last_use, protection, remote = self.schedule.last_use, self.protection, self.remote
+        last_use, protection = self.schedule.last_use, self.protection
+        check = self.check
         for idx, step in enumerate(self.schedule.steps):
             if isinstance(step, Call):
                 site = CallSite(step, self.wires[step.index], session.id, self.forwards,
@@ -77,9 +89,12 @@ class SplitModel:
                 reply = remote.call(site, sealed, meter)
                 t2 = now_ns()
                 opened = protection.open(site, reply)
+                t3 = now_ns()
+                check.check(site, opened)
                 for n in step.outputs:
                     env[n] = opened[n]
-                meter.add("protect", t1 - t0 + now_ns() - t2)
+                meter.add("protect", t1 - t0 + t3 - t2)
+                meter.add("serialize", now_ns() - t3)
             else:
                 t0 = now_ns()
                 ops.run_op(self.impls, ctx, step, env)
@@ -90,24 +105,31 @@ class SplitModel:
         session.past += tokens
         return env[RESULT]
 
-    def end(self, session: Session) -> None:
-        """Free the generation's GPU-side cache and the scheme's per-session state."""
+    def end(self, session: Session, timeout: float | None = None) -> None:
+        """Free the generation's GPU-side cache and the scheme's per-session state
+        (``timeout``: for the ``end`` request, default the run's call timeout)."""
         try:
-            self.remote.end(session.id)
+            self.remote.end(session.id, timeout=timeout)
         finally:
             self.protection.end_session(session.id)
 
 
+#: After a failed call, how long ``end`` may wait: the peer is likely gone or stuck, and a
+#: failure must not cost a second full timeout.
+END_AFTER_FAILURE_S = 1.0
+
+
 @contextlib.contextmanager
 def open_session(model: SplitModel) -> Iterator[Session]:
-    """A session that is always ended; when the work inside failed, a failure to end it (the
-    peer may be gone) does not hide the original error."""
+    """A session that is always ended; when the work inside failed, ending it waits at most
+    :data:`END_AFTER_FAILURE_S` and a failure to end it (the peer may be gone) does not hide
+    the original error."""
     session = Session()
     try:
         yield session
     except BaseException:
         with contextlib.suppress(Exception):
-            model.end(session)
+            model.end(session, timeout=END_AFTER_FAILURE_S)
         raise
     model.end(session)
 
@@ -121,11 +143,13 @@ def generate(model: SplitModel, prompt: torch.Tensor, new_tokens: int, sampler: 
         with meter.time("tee_compute"):
             return sampler(logits)
 
+    def last(ids: torch.Tensor) -> torch.Tensor:
+        # each step's logits are kept (the reference compares them): a copy, so that none
+        # pins the receive buffer its reply arrived in
+        return model.forward(ids, session, meter, last_only=True)[:, -1].clone()
+
     with open_session(model) as session:
-        return decode_loop(
-            lambda: model.forward(prompt, session, meter, last_only=True)[:, -1],
-            lambda tokens: model.forward(tokens, session, meter, last_only=True)[:, -1],
-            pick, new_tokens, stop_ids)
+        return decode_loop(lambda: last(prompt), last, pick, new_tokens, stop_ids)
 
 
 def prefill(model: SplitModel, ids: torch.Tensor, meter: Meter) -> torch.Tensor:

@@ -121,3 +121,34 @@ def main(argv: list[str]) -> int:
     ini = Path(__file__).resolve().parent / "pytest.ini"
     return int(pytest.main(["-c", str(ini), "-p", "no:cacheprovider", "-q",
                             str(suite_path(family)), *extra]))
+
+
+_SHM_NAME_PID = r"(?:sem\.)?tsqp-(\d+)-"
+
+
+def shm_names() -> set[str]:
+    """tsqp's names in /dev/shm, except those of *another live* process: a server elsewhere
+    on this machine (another test run) names semaphores for the millisecond of each
+    handshake. A name whose process is dead, or is this one, always counts: that is a
+    leftover."""
+    import re
+
+    try:
+        entries = os.listdir("/dev/shm")
+    except FileNotFoundError:
+        return set()
+    out = set()
+    for name in entries:
+        if not name.startswith(("tsqp", "sem.tsqp")):
+            continue
+        m = re.match(_SHM_NAME_PID, name)
+        if m and int(m.group(1)) != os.getpid():
+            try:
+                os.kill(int(m.group(1)), 0)
+                continue  # alive, and not us
+            except ProcessLookupError:
+                pass
+            except PermissionError:
+                continue
+        out.add(name)
+    return out

@@ -193,7 +193,7 @@ def test_fp32_parity(executor, partition, tee_ops, prompts, hf, oracle):
                      "dtype=float32") as (model, server):
         logits = prefill(model, prompts["prefill"])
         gen = greedy(model, prompts["generate"])
-        assert not server._sessions, "each generation's GPU-side cache is freed at its end"
+        assert not server.live_sessions(), "each generation's GPU-side cache is freed at its end"
     ref = hf["fp32"]
     assert max_diff(logits, ref["prefill"]) <= FP32_TOL
     assert torch.equal(logits.argmax(-1), ref["prefill"].argmax(-1))
@@ -213,7 +213,7 @@ def test_bf16_parity(executor, partition, tee_ops, prompts, hf):
                      "dtype=bfloat16") as (model, server):
         logits = prefill(model, prompts["prefill"])
         gen = greedy(model, prompts["generate"])
-        assert not server._sessions
+        assert not server.live_sessions()
     assert logits.dtype == torch.bfloat16
     # within 2 eps (capped) of the fp32 truth and of transformers bf16 (see the module docstring)
     for ref in (hf["fp32"], hf["sdpa"], hf["eager"]):

@@ -26,20 +26,16 @@ import torch
 from tsqp_core import codec
 from tsqp_core.bench_transport import EchoServer, echo_process
 from tsqp_core.plugins import get_plugins
-from tsqp_core.testing import names
+from tsqp_core.testing import names, shm_names
 from tsqp_core.transport import (ClientChannel, MessageTooLarge, PeerDead, PeerTimeout,
                                  Transport, TransportError)
 
 NAMES = names("transport")
-SHM_DIR = "/dev/shm"
 
 
 def _ours() -> set[str]:
-    """What tsqp transports have named in /dev/shm (segments and semaphores)."""
-    try:
-        return {n for n in os.listdir(SHM_DIR) if n.startswith(("tsqp", "sem.tsqp"))}
-    except FileNotFoundError:
-        return set()
+    """What tsqp transports have named in /dev/shm (see :func:`tsqp_core.testing.shm_names`)."""
+    return shm_names()
 
 
 @pytest.fixture(autouse=True)
@@ -208,6 +204,47 @@ def test_a_message_too_large_is_an_error_and_the_channel_survives(transport):
     finally:
         client.close()
         srv.stop()
+
+
+# --- peers ------------------------------------------------------------------------------------
+
+
+@pytest.mark.timeout(60)
+def test_each_connection_is_its_own_peer_and_its_departure_is_reported(transport):
+    """What keeps clients apart on the GPU side: the server knows which connection sent a
+    request, two connections are never the same peer, and a closed one is reported gone."""
+    server = transport.listen()
+    seen, gone = [], []
+    stop = threading.Event()
+
+    def serve():
+        while not stop.is_set():
+            frames = server.recv(0.02)
+            gone.extend(server.departed())
+            if frames is not None:
+                seen.append(server.peer)
+                server.send(EchoServer("codec").handle(frames))
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        a = transport.connect(server.address)
+        b = transport.connect(server.address)
+        for channel in (a, b, a, b):
+            call(channel)
+        assert seen[0] == seen[2] and seen[1] == seen[3] and seen[0] != seen[1]
+        a.close()
+        deadline = time.monotonic() + 20
+        while seen[0] not in gone:
+            assert time.monotonic() < deadline, "a closed connection was never reported"
+            time.sleep(0.05)
+        call(b)
+        assert seen[1] not in gone
+        b.close()
+    finally:
+        stop.set()
+        thread.join(10)
+        server.close()
 
 
 # --- close, timeouts, peer death -------------------------------------------------------------

@@ -1,14 +1,20 @@
-"""tsqp transport ``shm``: POSIX shared memory for the bytes, POSIX semaphores for the signal.
+"""tsqp transport ``shm``: shared memory for the bytes, POSIX semaphores for the signal.
 
 Address ``shm://NAME``. The server listens on the abstract Unix socket ``@tsqp.shm/NAME`` (no
-file; it vanishes with the process). That socket is used only to connect and to notice that
-the peer died -- never per message. Each connection gets its own two segments and two
-semaphores, created by the server with mode 0600, opened by the client and **unlinked by the
-server as soon as the handshake ends**, whatever its outcome (:func:`_unlink` is the one place
-names go away). From then on nothing of ours is named in ``/dev/shm``: the kernel frees the
-memory when both sides have unmapped it, however they exit (Ctrl-C, kill -9, several jobs in
-one process). A server killed inside the millisecond of a handshake is the only way a name
-can be left; the next ``listen`` on the machine removes such names (their pid is dead).
+file; it vanishes with the process). That socket is used only to connect, to pass the
+segments, and to notice that the peer died -- never per message. Each connection gets its own
+two segments and two semaphores:
+
+* the **segments** are sealed memfds (``memfd_create`` + ``F_SEAL_SHRINK | F_SEAL_GROW |
+  F_SEAL_SEAL``) created by the server and passed to the client over the socket
+  (``SCM_RIGHTS``). They have no name anywhere, and neither side -- a hostile one included --
+  can shrink them under the other's reads (the SIGBUS an ``ftruncate`` of a shared file
+  would cause); the client refuses segments without those seals or of the wrong size;
+* the **semaphores** are POSIX named semaphores, created by the server with mode 0600 and
+  **unlinked as soon as the handshake ends**, whatever its outcome (:func:`_unlink` is the one
+  place names go away). From then on nothing of ours is named in ``/dev/shm``. A server
+  killed inside the millisecond of a handshake is the only way a name can be left; the next
+  ``listen`` on the machine removes such names (their pid is dead).
 
 Layout of one direction's segment. ``req`` is written by the client only and mapped
 read-only by the server; ``rep`` the reverse::
@@ -23,17 +29,19 @@ read-only by the server; ``rep`` the reverse::
     |  used             u64   |  (bytes of the arena this message uses)    |
     +-------------------------+--------------------------------------------+
 
-The segment is sparse. The writer reserves tmpfs pages (``posix_fallocate``) as its largest
-message grows, so a 1 GiB arena costs only what is used, and a full ``/dev/shm`` is a
+The segment is sparse. The writer reserves pages (``posix_fallocate``) as its largest
+message grows, so a 1 GiB arena costs only what is used, and memory that cannot be had is a
 :class:`MessageTooLarge` error rather than a SIGBUS. Each frame is copied once, into the
-arena; the receiver gets read-only memoryviews of it (the codec wraps them in place).
+arena; the receiver gets read-only memoryviews of it (the codec wraps them in place). A
+reader checks every control block and frame table against the arena before it makes a
+view; a peer that rewrites the arena while it is read can change the values read, never
+where they are read from.
 
 One exchange (each semaphore counts 0 or 1)::
 
     client                                     server
     write frames, table, ctrl(seq=k) in req
-    sem_post(req) ───────────────────────────► sem_wait(req)   in slices; between slices
-                                               check the client's socket for EOF
+    sem_post(req) ───────────────────────────► sem_wait(req)   (several clients: see below)
     sem_wait(rep)  in slices; between slices   check ctrl: magic, seq == k, table bounds
     ask the watchdog, check the socket for     recv() -> read-only views into req
     EOF, check the deadline                    ... handler reads them in place ...
@@ -49,11 +57,22 @@ more than a small exchange), then sleeps on it in slices.
 visible after the wait, so a reader never sees a half-written message (no torn reads); the
 sequence number in the control block rejects a stale or replayed one.
 
-Server states::
+**Several clients.** The server holds up to ``max_clients`` links at once, each its own
+peer (:attr:`ServerChannel.peer`). With one link it sleeps on that link's semaphore (the
+fast path above). With more, it polls every link's semaphore for ``spin_us``, then sleeps on
+the semaphore of the link it served last for at most ``MULTI_SLICE_S`` before polling the
+others again: an idle client costs the others at most that much latency, never their turn.
+Accepting a connection and its handshake never block serving: a client that connects and
+stalls mid-handshake is dropped after ``connect_timeout_s``, a client that stalls
+mid-request holds only its own link, and a client beyond ``max_clients`` is refused with a
+reason.
 
-    LISTENING --accept + handshake--> CONNECTED --recv--> ANSWERING --send--> CONNECTED
-        ^                                 |                                     |
-        +------ client socket EOF, malformed request: drop the link -----------+
+Server states, per link::
+
+    accept --send segments--> HANDSHAKE --client ok, send ready--> CONNECTED <--> ANSWERING
+                                  |  timeout, refusal, EOF                |
+                                  v                                       v  EOF, malformed
+                               dropped (names unlinked)                dropped (departed)
 
 Client states::
 
@@ -69,22 +88,20 @@ reply to an abandoned request can never be read as the answer to the next one.
 Handshake, length-prefixed msgpack on the socket::
 
     client connects; server checks SO_PEERCRED: same uid, else closes
-    server creates req/rep segments + semaphores (O_EXCL, 0600) -> {v, req, rep, arena}
-    client opens them, checks owner, mode and size, maps them    -> {ok: true}
-    server unlinks all four names (always, in a ``finally``)     -> {ready: true}
+    server: full?                                       -> {error: "...full..."}, closes
+    server creates two sealed memfds, two semaphores (O_EXCL, 0600)
+                                -> {v, req, rep, arena} + the two memfds (SCM_RIGHTS)
+    client checks seals and sizes, maps them, opens the semaphores  -> {ok: true}
+    server unlinks both semaphore names (always, in a ``finally``)  -> {ready: true}
     (``connect`` returns only now: from here on, nothing of ours is named)
 
-One client at a time: another waits in the socket's backlog until the first leaves, and
-gives up after ``connect_timeout_s``. Linux only (abstract sockets, ``/dev/shm``).
-
-Known limit: the two sides share a file, so a hostile peer could ``ftruncate`` it and make
-the other side's reads fault (SIGBUS). Sealed memfds passed over the socket would close that
-hole; POSIX named segments cannot.
+Linux only (abstract sockets, memfd seals, ``/dev/shm`` for the semaphores).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import functools
 import mmap
 import os
@@ -104,25 +121,32 @@ from pydantic import Field
 
 from tsqp_core import hookimpl
 from tsqp_core.plugins import PluginOptions
-from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, PeerDead, PeerTimeout,
-                                 ServerChannel, Transport, TransportError, Watchdog)
+from tsqp_core.protocol import clean_text
+from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, Peer, PeerDead,
+                                 PeerTimeout, ServerChannel, Transport, TransportError,
+                                 Watchdog)
 
 SCHEME = "shm://"
-VERSION = 1
+VERSION = 2
 MAGIC = b"TSQPSHM1"
 CTRL_BYTES = 4096  # the control block's page; the arena starts after it
 ALIGN = 64  # every frame starts on a cache line
 MAX_FRAMES = 4096
 SLICE_S = 0.05  # a blocked wait checks that its peer lives this often
-RESERVE_STEP = 2 << 20  # tmpfs pages are reserved in steps of this many bytes
+MULTI_SLICE_S = 0.002  # with several links: the longest sleep on one link's semaphore
+HOUSEKEEPING_S = 0.01  # with links up, accept and check connections at least this often
+RESERVE_STEP = 2 << 20  # pages are reserved in steps of this many bytes
 MAX_HANDSHAKE_BYTES = 1 << 16
 SHM_DIR = "/dev/shm"
+#: The seals every segment carries: nobody can shrink it, grow it, or change its seals.
+SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 
 _CTRL = struct.Struct("<8sQIIQ")  # magic, seq, nframes, pad, used
 _LEN = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,80}")
-#: What this transport ever names in /dev/shm (segments, and semaphores as ``sem.NAME``).
+#: What this transport ever names in /dev/shm (semaphores, as ``sem.NAME``; segments before
+#: version 2).
 _OURS = re.compile(r"(?:sem\.)?(tsqp-(\d+)-[0-9a-f]{8}-\d+-(?:req|rep))")
 
 
@@ -130,12 +154,14 @@ class ShmOptions(PluginOptions):
     #: Most bytes one message may occupy, per direction (table and alignment included). Set
     #: on the server; a client uses the server's. Pages are reserved only as they are used.
     arena_bytes: int = Field(1 << 30, ge=1 << 16, le=1 << 40)
-    #: How long a handshake may take (the server serves one client at a time).
+    #: How long a handshake may take.
     connect_timeout_s: float = Field(10.0, gt=0)
     #: Poll the semaphore this long before sleeping on it. Waking a sleeping process (and
     #: an idle vCPU) costs tens of microseconds, more than a small round trip itself; a
     #: short spin catches the replies and requests that follow quickly. 0 never spins.
     spin_us: int = Field(50, ge=0, le=10_000)
+    #: Links a server holds at once (handshakes included); one more is refused.
+    max_clients: int = Field(8, ge=1, le=1024)
 
 
 class _Malformed(TransportError):
@@ -246,19 +272,19 @@ class _Region:
     """One direction's segment as one side sees it: the writer maps it read-write and
     reserves pages before it writes; the reader maps it read-only."""
 
-    def __init__(self, shm: posix_ipc.SharedMemory, arena: int, writer: bool) -> None:
-        self.shm = shm
+    def __init__(self, fd: int, arena: int, writer: bool) -> None:
+        self.fd = fd  # owned: closed by close()
         self.arena = arena
         self.writer = writer
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if writer else 0)
-        self.map = mmap.mmap(shm.fd, CTRL_BYTES + arena, mmap.MAP_SHARED, prot)
+        self.map = mmap.mmap(fd, CTRL_BYTES + arena, mmap.MAP_SHARED, prot)
         self.view = memoryview(self.map)
         self.reserved = 0
 
     def _reserve(self, used: int) -> None:
         want = min(self.arena, -(-used // RESERVE_STEP) * RESERVE_STEP)
         try:
-            os.posix_fallocate(self.shm.fd, 0, CTRL_BYTES + want)
+            os.posix_fallocate(self.fd, 0, CTRL_BYTES + want)
         except OSError as exc:
             if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
                 self.reserved = self.arena  # this file system cannot reserve: pages on touch
@@ -322,20 +348,48 @@ class _Region:
         except BufferError:
             pass  # borrowed views are still alive: the mapping goes with the last of them
         self.map = None  # type: ignore[assignment]
-        try:
-            self.shm.close_fd()
-        except posix_ipc.Error:
-            pass
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+# --- segments: sealed memfds ------------------------------------------------------------------
+
+
+def _segment(size: int, label: str) -> int:
+    """A sealed memfd of ``size`` bytes (mode 0600, no name): no one can resize it."""
+    fd = os.memfd_create(label, os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_segment(fd: int, size: int) -> None:
+    """Refuse a segment a peer could still shrink (or that is not the size agreed)."""
+    try:
+        seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+    except OSError:
+        raise TransportError("a shm segment that is not a sealable memfd") from None
+    st = os.fstat(fd)
+    if seals & SEALS != SEALS or not stat.S_ISREG(st.st_mode) or st.st_size != size:
+        raise TransportError(f"a shm segment without the seals {SEALS:#x} or not of "
+                             f"{size} bytes (seals {seals:#x}, size {st.st_size})")
 
 
 class _Link:
     """One connection: its socket (handshake and liveness only), two regions, two semaphores."""
 
     def __init__(self, sock: socket.socket, req: _Region, rep: _Region,
-                 req_sem: posix_ipc.Semaphore, rep_sem: posix_ipc.Semaphore) -> None:
+                 req_sem: posix_ipc.Semaphore, rep_sem: posix_ipc.Semaphore,
+                 peer: Peer = Peer(0)) -> None:
         self.sock = sock
         self.req, self.rep = req, rep
         self.req_sem, self.rep_sem = req_sem, rep_sem
+        self.peer = peer
         self.seq = 0
         self.pending = False
 
@@ -363,16 +417,36 @@ class _Link:
 # --- the handshake's messages ---------------------------------------------------------------
 
 
-def _send_msg(sock: socket.socket, obj: dict[str, Any]) -> None:
+def _pack(obj: dict[str, Any]) -> bytes:
     body = msgpack.packb(obj, use_bin_type=True)
+    return _LEN.pack(len(body)) + body
+
+
+def _send_msg(sock: socket.socket, obj: dict[str, Any], fds: list[int] | None = None) -> None:
+    data = _pack(obj)
     try:
-        sock.sendall(_LEN.pack(len(body)) + body)
+        if fds:
+            sent = socket.send_fds(sock, [data], fds)
+            data = data[sent:]
+        if data:
+            sock.sendall(data)
     except OSError as exc:
         raise PeerDead(f"connection lost during the shm handshake: {exc}") from None
 
 
+def _unpack(body: bytes) -> dict[str, Any]:
+    try:
+        obj = msgpack.unpackb(body, raw=False)
+    except ValueError as exc:
+        raise TransportError(f"shm handshake message is not msgpack: {exc}") from None
+    if not isinstance(obj, dict):
+        raise TransportError("shm handshake message is not a map")
+    return obj
+
+
 def _recv_exact(sock: socket.socket, n: int, deadline: float | None, what: str,
-                check: Watchdog | None) -> bytes:
+                check: Watchdog | None, fds: list[int] | None = None) -> bytes:
+    """``n`` bytes; with ``fds`` (a list to fill) also the descriptors that came with them."""
     buf = bytearray()
     while len(buf) < n:
         left = _left(deadline)
@@ -385,7 +459,13 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None, what: str,
                 raise PeerDead(reason)
             continue
         try:
-            chunk = sock.recv(n - len(buf))
+            if fds is not None:
+                chunk, got, flags, _ = socket.recv_fds(sock, n - len(buf), 2)
+                fds.extend(got)
+                if flags & socket.MSG_CTRUNC:
+                    raise TransportError("the shm handshake passed more descriptors than two")
+            else:
+                chunk = sock.recv(n - len(buf))
         except OSError as exc:
             raise PeerDead(f"connection lost during the shm handshake: {exc}") from None
         if not chunk:
@@ -395,149 +475,277 @@ def _recv_exact(sock: socket.socket, n: int, deadline: float | None, what: str,
 
 
 def _recv_msg(sock: socket.socket, deadline: float | None, what: str,
-              check: Watchdog | None = None) -> dict[str, Any]:
-    (size,) = _LEN.unpack(_recv_exact(sock, _LEN.size, deadline, what, check))
+              check: Watchdog | None = None, fds: list[int] | None = None) -> dict[str, Any]:
+    (size,) = _LEN.unpack(_recv_exact(sock, _LEN.size, deadline, what, check, fds))
     if size > MAX_HANDSHAKE_BYTES:
         raise TransportError(f"shm handshake message of {size} bytes is too large")
-    try:
-        obj = msgpack.unpackb(_recv_exact(sock, size, deadline, what, check), raw=False)
-    except ValueError as exc:
-        raise TransportError(f"shm handshake message is not msgpack: {exc}") from None
-    if not isinstance(obj, dict):
-        raise TransportError("shm handshake message is not a map")
-    return obj
+    return _unpack(_recv_exact(sock, size, deadline, what, check, fds))
 
 
 # --- server ---------------------------------------------------------------------------------
 
 
-class ShmServer(ServerChannel):
-    """Serves one client at a time; see the module docstring for layout and states.
+class _Handshake:
+    """A connection between accept and the client's ``ok``: never waited on, only polled."""
 
-    ``recv`` accepts a client when none is connected, then waits for its requests; a client
-    that vanishes (even mid-request) is noticed within ``SLICE_S`` of the next wait and the
-    server goes back to accepting. ``close`` must not race a ``recv`` in another thread."""
+    def __init__(self, sock: socket.socket, names: list[str], link: _Link,
+                 deadline: float) -> None:
+        self.sock, self.names, self.link, self.deadline = sock, names, link, deadline
+        self.buf = bytearray()
+
+    def message(self) -> dict[str, Any] | None:
+        """The client's answer once it is all here (reads what is there; never blocks)."""
+        try:
+            chunk = self.sock.recv(MAX_HANDSHAKE_BYTES, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return None
+        except OSError as exc:
+            raise PeerDead(f"connection lost during the shm handshake: {exc}") from None
+        if not chunk:
+            raise PeerDead("the client closed the connection during the shm handshake")
+        self.buf += chunk
+        if len(self.buf) < _LEN.size:
+            return None
+        (size,) = _LEN.unpack_from(self.buf)
+        if size > MAX_HANDSHAKE_BYTES:
+            raise TransportError(f"shm handshake message of {size} bytes is too large")
+        if len(self.buf) < _LEN.size + size:
+            return None
+        return _unpack(bytes(self.buf[_LEN.size:_LEN.size + size]))
+
+
+class ShmServer(ServerChannel):
+    """Serves up to ``max_clients`` clients; see the module docstring for layout and states.
+
+    ``recv`` accepts connections and moves their handshakes on while it waits for requests;
+    a client that vanishes (even mid-request) is noticed within ``SLICE_S`` and reported by
+    :meth:`departed`. ``close`` must not race a ``recv`` in another thread."""
 
     def __init__(self, name: str, options: ShmOptions) -> None:
         self.options = options
         self.address = SCHEME + name
         self._prefix = f"tsqp-{os.getpid()}-{secrets.token_hex(4)}"
-        self._links = 0
-        self._link: _Link | None = None
+        self._count = 0
+        self._links: list[_Link] = []
+        self._handshakes: list[_Handshake] = []
+        self._answer: _Link | None = None
+        self._hot: _Link | None = None
+        self._departed: list[Peer] = []
+        self._housekept = 0.0
         self._closed = False
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(_abstract(name))
-            self._listener.listen(8)
+            self._listener.listen(64)
+            self._listener.setblocking(False)
         except OSError as exc:
             self._listener.close()
             raise TransportError(f"cannot listen at {self.address}: {exc.strerror}") from None
+
+    # --- receiving ------------------------------------------------------------------------
 
     def recv(self, timeout: float | None) -> list[Any] | None:
         if self._closed:
             raise TransportError(f"{self.address}: channel is closed")
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            link = self._link
+            if time.monotonic() - self._housekept >= HOUSEKEEPING_S:
+                self._housekeeping()
+            link = self._wait(deadline)
             if link is None:
-                if not self._accept(deadline):
-                    return None
-                continue
-            try:
-                _acquire(link.req_sem, deadline, self.options.spin_us / 1e6)
-            except posix_ipc.BusyError:
-                if not link.alive():
-                    self._drop()
-                    continue
                 if deadline is not None and time.monotonic() >= deadline:
                     return None
-                continue
-            except posix_ipc.SignalError:
                 continue
             try:
                 frames = link.req.read(link.seq + 1)
             except _Malformed as exc:
-                print(f"tsqp shm: dropping a client that sent a malformed request: {exc}",
-                      file=sys.stderr)
-                self._drop()
+                self._log(f"dropping a client that sent a malformed request: {exc}")
+                self._drop(link)
                 continue
             link.seq += 1
             link.pending = True
+            self._answer = self._hot = link
+            self.peer = link.peer
             return frames
 
+    def _wait(self, deadline: float | None) -> _Link | None:
+        """Take one link's request semaphore; ``None`` after a slice with nothing."""
+        links = self._links
+        spin = self.options.spin_us / 1e6
+        if not links:
+            left = _left(deadline)
+            self._select(SLICE_S if left is None else max(0.0, min(SLICE_S, left)))
+            return None
+        if len(links) == 1 and not self._handshakes:
+            link = links[0]
+            try:
+                _acquire(link.req_sem, deadline, spin)
+                return link
+            except posix_ipc.BusyError:
+                self._housekept = 0.0  # a quiet slice: look at the connections now
+                return None
+            except posix_ipc.SignalError:
+                return None
+        # several links: poll them all, then sleep briefly on the one served last
+        end = time.perf_counter() + spin
+        while True:
+            for link in links:
+                try:
+                    link.req_sem.acquire(0)
+                    return link
+                except posix_ipc.BusyError:
+                    pass
+            if time.perf_counter() >= end:
+                break
+        hot = self._hot if self._hot in links else links[0]
+        left = _left(deadline)
+        try:
+            hot.req_sem.acquire(MULTI_SLICE_S if left is None
+                                else max(0.0, min(MULTI_SLICE_S, left)))
+            return hot
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            return None
+
+    def _select(self, wait: float) -> None:
+        """Sleep until a connection or handshake needs us (no links to wait on)."""
+        socks = [self._listener, *(h.sock for h in self._handshakes)]
+        if self._handshakes:
+            wait = min(wait, max(0.0, min(h.deadline for h in self._handshakes)
+                                 - time.monotonic()))
+        ready, _, _ = select.select(socks, [], [], wait)
+        if ready:
+            self._housekept = 0.0
+
+    # --- connections ------------------------------------------------------------------------
+
+    def _housekeeping(self) -> None:
+        """Accept connections, move handshakes on, drop links whose client is gone."""
+        self._housekept = time.monotonic()
+        for link in list(self._links):
+            if not link.pending and not link.alive():
+                self._drop(link)
+        for hs in list(self._handshakes):
+            self._progress(hs)
+        while True:
+            try:
+                sock, _ = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                self._log(f"accept failed: {exc}")
+                return
+            try:
+                self._start(sock)
+            except (OSError, TransportError, posix_ipc.Error) as exc:
+                sock.close()
+                self._log(f"a connection failed its handshake: {exc}")
+
+    def _start(self, sock: socket.socket) -> None:
+        sock.setblocking(True)
+        _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED,
+                                                 _CRED.size))
+        if uid != os.getuid():
+            raise TransportError(f"refused a client of uid {uid}")
+        if len(self._links) + len(self._handshakes) >= self.options.max_clients:
+            _send_msg(sock, {"error": f"the server is full: it serves "
+                                      f"{self.options.max_clients} clients at once (shm "
+                                      "max_clients); try again later"})
+            raise TransportError(f"refused a client: {self.options.max_clients} connected")
+        self._count += 1
+        base = f"/{self._prefix}-{self._count}"
+        names = [base + "-req", base + "-rep"]
+        arena = self.options.arena_bytes
+        opened: list[Any] = []
+        try:
+            fds = [_segment(CTRL_BYTES + arena, "tsqp-" + n[-3:]) for n in ("req", "rep")]
+            opened += fds
+            sems = []
+            for name in names:
+                sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600,
+                                                initial_value=0))
+                opened.append(sems[-1])
+            _send_msg(sock, {"v": VERSION, "req": names[0], "rep": names[1], "arena": arena},
+                      fds)
+            link = _Link(sock, _Region(fds[0], arena, writer=False),
+                         _Region(fds[1], arena, writer=True), sems[0], sems[1],
+                         Peer(self._count))
+            opened.clear()
+        except BaseException:
+            _unlink(names)
+            raise
+        finally:
+            for obj in opened:
+                if isinstance(obj, int):
+                    os.close(obj)
+                else:
+                    obj.close()
+        self._handshakes.append(_Handshake(sock, names, link,
+                                           time.monotonic() + self.options.connect_timeout_s))
+
+    def _progress(self, hs: _Handshake) -> None:
+        try:
+            try:
+                reply = hs.message()
+                if reply is None:
+                    if time.monotonic() < hs.deadline:
+                        return
+                    raise PeerTimeout("the client did not finish the shm handshake in time")
+            finally:
+                if hs.buf or time.monotonic() >= hs.deadline:
+                    _unlink(hs.names)  # the client has opened them, or never will
+            if reply.get("ok") is not True:
+                raise TransportError("client refused the segments: "
+                                     f"{clean_text(reply.get('error'), 200)}")
+            _unlink(hs.names)
+        except (OSError, TransportError) as exc:
+            self._handshakes.remove(hs)
+            _unlink(hs.names)
+            hs.link.close()
+            self._log(f"a connection failed its handshake: {exc}")
+            return
+        self._handshakes.remove(hs)
+        self._links.append(hs.link)
+        try:
+            _send_msg(hs.sock, {"ready": True})  # the client returns from connect only now
+        except TransportError:
+            self._drop(hs.link)
+
+    def _drop(self, link: _Link) -> None:
+        if link in self._links:
+            self._links.remove(link)
+            self._departed.append(link.peer)
+        if self._answer is link:
+            self._answer = None
+        link.close()
+
+    @staticmethod
+    def _log(message: str) -> None:
+        print(f"tsqp shm: {message}", file=sys.stderr)
+
+    # --- answering --------------------------------------------------------------------------
+
     def send(self, frames: Frames) -> None:
-        link = self._link
+        link = self._answer
         if link is None or not link.pending:
             raise TransportError("send() without a request to answer")
         link.rep.write(link.seq, frames)  # MessageTooLarge: nothing sent, still answerable
         link.pending = False
+        self._answer = None
         link.rep_sem.release()
 
-    def _accept(self, deadline: float | None) -> bool:
-        left = _left(deadline)
-        wait = None if left is None else max(0.0, left)
-        ready, _, _ = select.select([self._listener], [], [], wait)
-        if not ready:
-            return False
-        sock, _ = self._listener.accept()
-        try:
-            self._link = self._handshake(sock)
-        except (OSError, TransportError, posix_ipc.Error) as exc:
-            sock.close()
-            print(f"tsqp shm: a connection failed its handshake: {exc}", file=sys.stderr)
-        return True
-
-    def _handshake(self, sock: socket.socket) -> _Link:
-        _, uid, _ = _CRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _CRED.size))
-        if uid != os.getuid():
-            raise TransportError(f"refused a client of uid {uid}")
-        self._links += 1
-        base = f"/{self._prefix}-{self._links}"
-        names = [base + "-req", base + "-rep"]
-        arena = self.options.arena_bytes
-        deadline = time.monotonic() + self.options.connect_timeout_s
-        opened: list[Any] = []
-        shms, sems = [], []
-        try:
-            try:
-                for name in names:
-                    shms.append(posix_ipc.SharedMemory(name, posix_ipc.O_CREX, mode=0o600,
-                                                       size=CTRL_BYTES + arena))
-                    opened.append(shms[-1])
-                    sems.append(posix_ipc.Semaphore(name, posix_ipc.O_CREX, mode=0o600,
-                                                    initial_value=0))
-                    opened.append(sems[-1])
-                _send_msg(sock, {"v": VERSION, "req": names[0], "rep": names[1], "arena": arena})
-                reply = _recv_msg(sock, deadline, "the client did not finish the shm handshake")
-            finally:
-                _unlink(names)  # both sides hold what they need; ok or not, the names go
-            if reply.get("ok") is not True:
-                raise TransportError(f"client refused the segments: {reply.get('error')!r:.200}")
-            link = _Link(sock, _Region(shms[0], arena, writer=False),
-                         _Region(shms[1], arena, writer=True), sems[0], sems[1])
-            opened.clear()
-        finally:
-            for obj in opened:
-                if isinstance(obj, posix_ipc.SharedMemory):
-                    obj.close_fd()
-                else:
-                    obj.close()
-        try:
-            _send_msg(sock, {"ready": True})  # the client returns from connect only now
-        except BaseException:
-            link.close()
-            raise
-        return link
-
-    def _drop(self) -> None:
-        if self._link is not None:
-            self._link.close()
-            self._link = None
+    def departed(self) -> list[Peer]:
+        gone, self._departed = self._departed, []
+        return gone
 
     def close(self) -> None:
         if not self._closed:
             self._closed = True
-            self._drop()
+            for hs in self._handshakes:
+                _unlink(hs.names)
+                hs.link.close()
+            self._handshakes.clear()
+            for link in list(self._links):
+                self._drop(link)
             self._listener.close()
 
 
@@ -565,12 +773,14 @@ class ShmClient(ClientChannel):
             sock.close()
             reason = self.watchdog() if self.watchdog else None
             raise PeerDead(f"no shm server at {self.address}" + (f": {reason}" if reason else ""))
+        fds: list[int] = []
         try:
-            hello = _recv_msg(sock, deadline,
-                              f"{self.address} did not answer the connection in time (it serves "
-                              "one client at a time: is it busy with another?)", self.watchdog)
-            link = self._open(sock, hello)
+            hello = _recv_msg(sock, deadline, f"{self.address} did not answer the connection "
+                              "in time", self.watchdog, fds)
+            link = self._open(sock, hello, fds)
         except BaseException:
+            for fd in fds:
+                os.close(fd)
             sock.close()
             raise
         try:
@@ -583,38 +793,36 @@ class ShmClient(ClientChannel):
             raise
         return link
 
-    def _open(self, sock: socket.socket, hello: dict[str, Any]) -> _Link:
+    def _open(self, sock: socket.socket, hello: dict[str, Any], fds: list[int]) -> _Link:
+        """Map the segments the server passed (``fds``: owned from here) and open the
+        semaphores it named; refuse anything that is not what the protocol says."""
+        if "error" in hello:
+            raise TransportError(f"{self.address} refused the connection: "
+                                 f"{clean_text(hello['error'], 300)}")
         names, arena = [hello.get("req"), hello.get("rep")], hello.get("arena")
         if hello.get("v") != VERSION:
-            raise TransportError(f"{self.address} speaks shm protocol {hello.get('v')!r}, "
-                                 f"this client {VERSION}")
+            raise TransportError(f"{self.address} speaks shm protocol "
+                                 f"{clean_text(hello.get('v'), 20)}, this client {VERSION}")
         if not (all(isinstance(n, str) and _OURS.fullmatch(n[1:]) for n in names)
-                and isinstance(arena, int) and 1 << 16 <= arena <= 1 << 40):
+                and isinstance(arena, int) and 1 << 16 <= arena <= 1 << 40 and len(fds) == 2):
             raise TransportError(f"{self.address} sent a malformed shm handshake")
+        for fd in fds:
+            _check_segment(fd, CTRL_BYTES + arena)
         opened: list[Any] = []
         try:
-            shms = [posix_ipc.SharedMemory(n) for n in names]
-            opened += shms
-            for shm in shms:
-                st = os.fstat(shm.fd)
-                if (st.st_uid != os.getuid() or stat.S_IMODE(st.st_mode) & 0o077
-                        or st.st_size < CTRL_BYTES + arena):
-                    raise TransportError(f"shm segment {shm.name} is not ours (owner, mode 0600, "
-                                         "size)")
             sems = [posix_ipc.Semaphore(n) for n in names]
             opened += sems
-            link = _Link(sock, _Region(shms[0], arena, writer=True),
-                         _Region(shms[1], arena, writer=False), sems[0], sems[1])
+            link = _Link(sock, _Region(fds[0], arena, writer=True),
+                         _Region(fds[1], arena, writer=False), sems[0], sems[1])
+            fds.clear()  # the regions own them now
             opened.clear()
             return link
         except posix_ipc.Error as exc:
-            raise TransportError(f"cannot open the shm segments of {self.address}: {exc}") from None
+            raise TransportError(f"cannot open the shm semaphores of {self.address}: "
+                                 f"{exc}") from None
         finally:
-            for obj in opened:
-                if isinstance(obj, posix_ipc.SharedMemory):
-                    obj.close_fd()
-                else:
-                    obj.close()
+            for sem in opened:
+                sem.close()
 
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
         if self._closed:
@@ -649,9 +857,14 @@ class ShmClient(ClientChannel):
 
     def _check(self, link: _Link, deadline: float | None, timeout: float | None) -> None:
         reason = self.watchdog() if self.watchdog else None
-        if reason is None and not link.alive():  # the watchdog may know more by now
-            reason = ((self.watchdog() if self.watchdog else None)
-                      or "the server closed the connection")
+        if reason is None and not link.alive():
+            # a server that stops closes its end just before it exits: give the watchdog a
+            # moment to say how it ended, which says more than the closed socket
+            wait_until = time.monotonic() + 0.5
+            while reason is None and self.watchdog and time.monotonic() < wait_until:
+                time.sleep(0.02)
+                reason = self.watchdog()
+            reason = reason or "the server closed the connection"
         if reason:
             self._drop()
             raise PeerDead(f"{self.address}: {reason}")
@@ -671,7 +884,7 @@ class ShmClient(ClientChannel):
 
 
 class ShmTransport(Transport):
-    """POSIX shared memory + semaphores; see the module docstring."""
+    """Shared memory + semaphores; see the module docstring."""
 
     name = "shm"
     Options = ShmOptions
@@ -682,6 +895,9 @@ class ShmTransport(Transport):
         name = _parse(address) if address else f"tsqp-{os.getpid()}-{secrets.token_hex(4)}"
         _sweep_stale()
         return ShmServer(name, self.options)  # type: ignore[arg-type]
+
+    def check_address(self, address: str) -> None:
+        _parse(address)
 
     def connect(self, address: str, watchdog: Watchdog | None = None) -> ShmClient:
         return ShmClient(address, self.options, watchdog)  # type: ignore[arg-type]
