@@ -199,7 +199,7 @@ def test_compiled_parity(stage, dtype, prompts, hf, oracle):
         report = compile_report(server)
         assert report["first_use"]["graphs"] == (2 if batch == 2 else 0)
         assert report["fallbacks"] == 0
-        assert not server._sessions
+        assert not server.live_sessions()
     oracle_logits, oracle_gen = (x[:batch] if i == 0 else x for i, x in enumerate(oracle("layer")))
     if dtype == "float32":
         for ref_logits, ref_gen in ((oracle_logits, oracle_gen),
