@@ -43,8 +43,10 @@ class EchoServer:
 
     ``raw`` returns the received frames as they came (the transport alone). ``codec`` decodes
     them (a malformed message gets an error reply), honours two header fields -- ``sleep``
-    (seconds, a stand-in for a slow call) and ``grow`` (bytes: adds a tensor of that size to the
-    reply) -- and answers ``{id, ok: true, ...}`` with the same tensors. Duck-types the part of
+    (seconds, a stand-in for a slow call), ``grow`` (bytes: adds a tensor of that size to the
+    reply) and ``reserve`` (true: the reply's tensors are written into the channel's own
+    memory, :meth:`~tsqp_core.transport.ServerChannel.reserve`, where it has some) -- and
+    answers ``{id, ok: true, ...}`` with the same tensors. Duck-types the part of
     :class:`tsqp_core.gpu.server.GpuServer` that :func:`tsqp_core.gpu.server.serve_forever` uses."""
 
     def __init__(self, mode: str = "codec") -> None:
@@ -52,7 +54,7 @@ class EchoServer:
             raise ValueError(f"echo mode must be raw or codec, not {mode!r}")
         self.mode = mode
 
-    def handle(self, frames: list[Any], peer: Any = None) -> list[Any]:
+    def handle(self, frames: list[Any], peer: Any = None, reserve: Any = None) -> list[Any]:
         if self.mode == "raw":
             return list(frames)
         import torch
@@ -70,7 +72,20 @@ class EchoServer:
             grow = msg.header.get("grow")
             if isinstance(grow, int) and grow > 0:
                 tensors["grown"] = torch.zeros(grow, dtype=torch.uint8)
-            return codec.encode(codec.Message({**msg.header, "ok": True}, tensors))
+            header = {**msg.header, "ok": True}
+            if msg.header.get("reserve") is True and reserve is not None:
+                from tsqp_core.transport import MessageTooLarge
+
+                try:
+                    buffers = reserve([t.numel() * t.element_size() for t in tensors.values()])
+                except MessageTooLarge:
+                    buffers = None  # send() says so, as for any reply too large
+                if buffers is not None:
+                    for t, buf in zip(tensors.values(), buffers):
+                        codec.place(t, buf)
+                    header["reserved"] = True
+                    return codec.pack(header, codec.describe(tensors), buffers)
+            return codec.encode(codec.Message(header, tensors))
         except codec.ProtocolError as exc:
             return protocol.encode_error(req_id, str(exc))
 

@@ -73,6 +73,34 @@ def tensor_buffer(t: torch.Tensor) -> memoryview:
     return memoryview(t.reshape(-1).numpy()).cast("B")
 
 
+def describe(tensors: dict[str, torch.Tensor]) -> list[list]:
+    """The header's descriptors ``[name, dtype, shape]`` of ``tensors``, in order."""
+    specs = []
+    for name, t in tensors.items():
+        dtype = DTYPE_NAMES.get(t.dtype)
+        if dtype is None:
+            raise ProtocolError(f"tensor '{name}' has unsupported dtype {t.dtype}")
+        specs.append([name, dtype, list(t.shape)])
+    return specs
+
+
+def over(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A tensor of ``dtype`` and ``shape`` over ``buffer``'s memory (no copy): writing to
+    it writes the buffer."""
+    return torch.frombuffer(buffer, dtype=dtype).view(tuple(shape))
+
+
+def place(t: torch.Tensor, buffer: Any) -> None:
+    """Copy ``t`` into ``buffer`` (exactly its bytes): one copy, whatever ``t``'s strides or
+    device -- from a device, the one device-to-host transfer."""
+    if t.numel() == 0:
+        return
+    if t.is_cpu and t.is_contiguous():  # a plain byte copy is the cheapest for small ones
+        memoryview(buffer)[:] = tensor_buffer(t)
+    else:
+        over(buffer, t.dtype, t.shape).copy_(t)
+
+
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[list], list[Any]]:
     """Tensor descriptors and raw buffers, in order."""
     specs = []
@@ -94,7 +122,8 @@ def encode(msg: Message) -> list[Any]:
     return pack(msg.header, *encode_tensors(msg.tensors))
 
 
-def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
+def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...], int]:
+    """A tensor descriptor checked: its name, dtype, shape and byte count."""
     if not (isinstance(spec, list) and len(spec) == 3):
         raise ProtocolError(f"tensor descriptor must be [name, dtype, shape], got {spec!r:.80}")
     name, dtype, shape = spec
@@ -108,7 +137,34 @@ def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...]]:
         and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**40 for d in shape)
     ):
         raise ProtocolError(f"tensor '{name}': bad shape {shape!r:.80}")
-    return name, DTYPES[dtype], tuple(shape)
+    torch_dtype = DTYPES[dtype]
+    return name, torch_dtype, tuple(shape), math.prod(shape) * torch_dtype.itemsize
+
+
+#: Descriptors already checked, by ``(name, dtype, *shape)``: a call's tensors repeat from
+#: one call to the next, and checking a descriptor again costs more than finding it. Only
+#: descriptors that passed :func:`_check_spec` enter; the key is built from the received
+#: values themselves, so a lookup cannot accept what the check would refuse (an unhashable
+#: or unexpected element makes the key fail or miss, and the full check runs).
+_CHECKED: dict[tuple, tuple[str, torch.dtype, tuple[int, ...], int]] = {}
+_CHECKED_MAX = 4096
+
+
+def _spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...], int]:
+    try:
+        key = (type(spec[0]), type(spec[1]), *map(type, spec[2]), *spec[0:2], *spec[2]) \
+            if type(spec) is list and len(spec) == 3 and type(spec[2]) is list else None
+        hit = _CHECKED.get(key) if key is not None else None
+    except TypeError:  # an unhashable element: the full check says what is wrong
+        hit = None
+    if hit is not None:
+        return hit
+    checked = _check_spec(spec)
+    if key is not None:
+        if len(_CHECKED) >= _CHECKED_MAX:
+            _CHECKED.clear()
+        _CHECKED[key] = checked
+    return checked
 
 
 def decode(frames: Sequence[Any], *, copy: bool = False) -> Message:
@@ -134,12 +190,10 @@ def decode(frames: Sequence[Any], *, copy: bool = False) -> Message:
         )
     tensors: dict[str, torch.Tensor] = {}
     for spec, buf in zip(specs, frames[1:]):
-        name, dtype, shape = _check_spec(spec)
+        name, dtype, shape, want = _spec(spec)
         if name in tensors:
             raise ProtocolError(f"tensor '{name}' appears twice")
         view = memoryview(buf)
-        itemsize = dtype.itemsize
-        want = math.prod(shape) * itemsize
         if view.nbytes != want:
             raise ProtocolError(
                 f"tensor '{name}': {list(shape)} {DTYPE_NAMES[dtype]} needs {want} bytes, "

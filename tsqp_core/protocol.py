@@ -423,12 +423,17 @@ class Request:
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
 
 
-def encode_request(req_id: int, message: Any,
-                   tensors: dict[str, torch.Tensor] | None = None) -> list[Any]:
+def request_header(req_id: int, message: Any) -> dict[str, Any]:
+    """The header of request ``req_id`` carrying ``message`` (its tensors not yet listed)."""
     header = message.header()
     header[METHOD] = message.METHOD
     header[ID] = req_id
-    return codec.pack(header, *codec.encode_tensors(tensors or {}))
+    return header
+
+
+def encode_request(req_id: int, message: Any,
+                   tensors: dict[str, torch.Tensor] | None = None) -> list[Any]:
+    return codec.pack(request_header(req_id, message), *codec.encode_tensors(tensors or {}))
 
 
 def request_id(header: dict[str, Any]) -> int | None:

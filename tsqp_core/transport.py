@@ -78,6 +78,14 @@ class ClientChannel(ABC):
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
         """Send ``frames`` and return the reply frames (borrowed, see module doc)."""
 
+    def reserve(self, sizes: list[int]) -> list[memoryview] | None:
+        """Writable buffers of ``sizes`` bytes in the transport's own memory for the tensor
+        frames of the next request, or ``None`` (the default: the transport has no such
+        memory, or no connection yet). ``request([header, *buffers])`` with those very
+        objects sends them without copying them again. Raises :class:`MessageTooLarge`
+        when they cannot fit."""
+        return None
+
     @abstractmethod
     def close(self) -> None:
         """Release everything; idempotent."""
@@ -105,6 +113,15 @@ class ServerChannel(ABC):
     def send(self, frames: Frames) -> None:
         """Answer the request last returned by :meth:`recv`."""
 
+    def reserve(self, sizes: list[int]) -> list[memoryview] | None:
+        """Writable buffers of ``sizes`` bytes in the transport's own memory for the tensor
+        frames of the reply to the request last returned by :meth:`recv` -- or ``None``
+        where the transport has no such memory (the default). The server writes each output
+        straight into its buffer; ``send([header, *buffers])`` with those very objects then
+        commits them without copying them again. Raises :class:`MessageTooLarge` when they
+        cannot fit."""
+        return None
+
     def departed(self) -> list[Peer]:
         """Peers whose connection closed since the last call (each reported once). A
         transport that cannot tell returns ``[]``; the server then relies on idle expiry."""
@@ -119,6 +136,22 @@ class ServerChannel(ABC):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ThreadBudget(NamedTuple):
+    """The threads each side of a run computes with and the cores this machine gives the
+    run: a transport that busy-waits (spins) should do so only when both sides have cores
+    of their own (``tee + gpu <= cores``), else a spinning waiter steals the core its peer
+    needs to produce the reply."""
+
+    tee: int
+    gpu: int
+    cores: int
+
+    @property
+    def spare(self) -> bool:
+        """Both sides can spin without taking a core from the other."""
+        return self.tee + self.gpu <= self.cores
 
 
 class Transport(ABC):
@@ -146,6 +179,10 @@ class Transport(ABC):
     @abstractmethod
     def connect(self, address: str, watchdog: Watchdog | None = None) -> ClientChannel:
         """Connect to a server; ``watchdog`` lets blocking waits notice a dead peer early."""
+
+    def fit(self, budget: ThreadBudget) -> None:
+        """Resolve options that depend on the machine and the run's threads (``auto``
+        values), before the run starts and its options are recorded; default: nothing."""
 
     def check_address(self, address: str) -> None:
         """Raise :class:`TransportError` if a client could never reach ``address`` (wrong

@@ -56,6 +56,9 @@ from tsqp_core.protocol import CallRequest, End, Hello, HelloReply, Ping
 from tsqp_core.schedule import Call
 from tsqp_core.transport import ANONYMOUS, MessageTooLarge, Peer, ServerChannel
 
+#: A channel's ``reserve``: writable buffers for a reply's tensor frames, or None.
+Reserve = Callable[[list[int]], "list[memoryview] | None"]
+
 #: Plans one client may hold (its own oldest goes when it makes one more).
 MAX_PLANS = 4
 #: The largest batch a hello may declare.
@@ -116,6 +119,9 @@ class GpuServer:
         self._kinds: frozenset[str] = frozenset()
         #: GPU-side parts of protection schemes, by (name, options), around ``_backend``.
         self._protected: dict[str, Backend] = {}
+        #: Bytes of call outputs this side copied on their way out (into a transport's
+        #: reserved memory, or to make them contiguous host memory): the copy-count tests.
+        self.copied_bytes = 0
         #: Called with every request and its reply (see :meth:`observe`).
         self._observers: list[Callable[[list[Any], list[Any]], None]] = []
 
@@ -145,14 +151,17 @@ class GpuServer:
         return {(c.peer, sid): cache for c in self._clients.values()
                 for sid, cache in c.sessions.items()}
 
-    def handle(self, frames: list[Any], peer: Peer = ANONYMOUS) -> list[Any]:
-        """One request's frames in (from ``peer``), the reply's frames out. Never raises."""
-        reply = self._handle(frames, peer)
+    def handle(self, frames: list[Any], peer: Peer = ANONYMOUS,
+               reserve: Reserve | None = None) -> list[Any]:
+        """One request's frames in (from ``peer``), the reply's frames out. Never raises.
+        ``reserve``: the channel's :meth:`~tsqp_core.transport.ServerChannel.reserve`, so a
+        call's outputs are written once, straight into the transport's reply memory."""
+        reply = self._handle(frames, peer, reserve)
         for observer in self._observers:
             observer(frames, reply)
         return reply
 
-    def _handle(self, frames: list[Any], peer: Peer) -> list[Any]:
+    def _handle(self, frames: list[Any], peer: Peer, reserve: Reserve | None) -> list[Any]:
         req_id: int | None = None
         try:
             t0 = now_ns()
@@ -176,7 +185,7 @@ class GpuServer:
             if isinstance(msg, CallRequest):
                 if client is None:
                     raise RequestError("unknown plan: send hello first")
-                return self._call(client, req_id, msg, req.tensors, now_ns() - t0)
+                return self._call(client, req_id, msg, req.tensors, now_ns() - t0, reserve)
             if isinstance(msg, Hello):
                 header = self._hello(peer, msg).header()
                 if self.tamper is not None:
@@ -318,7 +327,8 @@ class GpuServer:
     # --- call -------------------------------------------------------------------------------
 
     def _call(self, client: _Client, req_id: int, req: CallRequest,
-              tensors: dict[str, torch.Tensor], t_decode: int) -> list[Any]:
+              tensors: dict[str, torch.Tensor], t_decode: int,
+              reserve: Reserve | None = None) -> list[Any]:
         t_checks = now_ns()
         plan = client.plans.get(req.plan)
         if plan is None:
@@ -358,13 +368,34 @@ class GpuServer:
             if text is not None:  # raw, as a hostile server would send it
                 return codec.pack({protocol.ID: req_id, protocol.OK: False,
                                    protocol.ERROR: text}, [], [])
-        specs, buffers = codec.encode_tensors(out)
+        specs, buffers = self._place(out, reserve)
         t_encode = now_ns() - t0
         header = protocol.CallReply(t_decode, t_compute, t_encode).header()
         if lie:
             self.tamper.reply(header, out)
-            specs, buffers = codec.encode_tensors(out)
+            specs, buffers = self._place(out, reserve)
         return protocol.encode_reply(req_id, header, specs, buffers)
+
+    def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None
+               ) -> tuple[list[list], list[Any]]:
+        """The reply's tensor descriptors and frames. Where the channel lends its own memory
+        (``reserve``), each output is copied once, straight into it -- on a device, the one
+        device-to-host copy; else the frames are the tensors' own memory (copied where they
+        are not contiguous host memory, and by the transport as it sends them)."""
+        specs = codec.describe(out)
+        if reserve is not None:
+            try:
+                buffers = reserve([t.numel() * t.element_size() for t in out.values()])
+            except MessageTooLarge as exc:
+                raise RequestError(f"reply not sent: {exc}") from None
+            if buffers is not None:
+                for t, buf in zip(out.values(), buffers):
+                    codec.place(t, buf)
+                    self.copied_bytes += t.numel() * t.element_size()
+                return specs, buffers
+        self.copied_bytes += sum(t.numel() * t.element_size() for t in out.values()
+                                 if not (t.is_cpu and t.is_contiguous()))
+        return specs, [codec.tensor_buffer(t) for t in out.values()]
 
     def _session(self, client: _Client, session: int, backend: Backend) -> Any:
         cache = client.sessions.get(session)
@@ -387,10 +418,10 @@ def _peek_id(frames: list[Any]) -> int | None:
     return protocol.request_id(header) if isinstance(header, dict) else None
 
 
-def serve_loop(channel: ServerChannel, handle: Callable[[list[Any], Peer], list[Any]],
+def serve_loop(channel: ServerChannel, handle: Callable[[list[Any], Peer, Reserve], list[Any]],
                stop: threading.Event | None, poll_s: float,
                forget: Callable[[Peer], None] | None = None) -> None:
-    """Receive, ``handle(frames, peer)`` (which never raises), reply -- until ``stop`` is
+    """Receive, ``handle(frames, peer, channel.reserve)`` (which never raises), reply -- until ``stop`` is
     set; ``forget(peer)`` for every peer the channel reports gone."""
     while stop is None or not stop.is_set():
         frames = channel.recv(timeout=poll_s)
@@ -399,7 +430,7 @@ def serve_loop(channel: ServerChannel, handle: Callable[[list[Any], Peer], list[
                 forget(peer)
         if frames is None:
             continue
-        send_reply(channel, handle(frames, channel.peer))
+        send_reply(channel, handle(frames, channel.peer, channel.reserve))
 
 
 def send_reply(channel: ServerChannel, reply: list[Any]) -> None:

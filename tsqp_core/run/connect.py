@@ -40,7 +40,9 @@ class Connected:
 
 def server_spec(p: Prepared) -> ServerSpec:
     cfg = p.cfg
-    return ServerSpec(transport=cfg.transport.model_dump(), address=None,
+    # the transport's options as settled for this machine (Transport.fit), not as written
+    transport = {"name": cfg.transport.name, "options": p.transport.options.model_dump()}
+    return ServerSpec(transport=transport, address=None,
                       model_dir=str(p.model_dir),
                       executor={"name": cfg.executor.name, "options": cfg.executor.options},
                       dtype=cfg.dtype, device=cfg.device, threads=cfg.threads.gpu,

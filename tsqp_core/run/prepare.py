@@ -4,6 +4,7 @@ scheme makes of it, the tokenizer and the prompt."""
 
 from __future__ import annotations
 
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from tsqp_core.ops import rope_parameters
 from tsqp_core.plugins import PluginError, get_plugins
 from tsqp_core.protocol import CallWire
 from tsqp_core.schedule import Schedule, build_schedule
-from tsqp_core.transport import TransportError
+from tsqp_core.transport import ThreadBudget, TransportError
 
 
 class InputError(ValueError):
@@ -59,6 +60,8 @@ def prepare(cfg: RunConfig) -> Prepared:
     plugins = get_plugins()
     objs = {fam: plugins.registry(fam).create(getattr(cfg, fam).name, getattr(cfg, fam).options)
             for fam in ("transport", "partition", "protection", "tee_ops")}
+    # options that depend on the machine (shm's spin) are settled now, and recorded so
+    objs["transport"].fit(ThreadBudget(cfg.threads.tee, cfg.threads.gpu, usable_cores()))
     executor, grouping = executor_grouping(cfg)
     if cfg.server.tamper is not None:
         from pydantic import ValidationError
@@ -96,6 +99,14 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, executor=executor, grouping=grouping, model_dir=model_dir, ckpt=ckpt,
                     fingerprint=digest, schedule=schedule, wires=wires, prompt=prompt,
                     tokenizer=tokenizer, model_info=info, **objs)
+
+
+def usable_cores() -> int:
+    """Cores this process may run on (its affinity mask, not the machine's count)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
 
 
 def choose_tokenizer(spec: ModelSpec, model_dir: Path) -> tuple[Any, str]:

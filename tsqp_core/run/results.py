@@ -38,6 +38,7 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "schema": SCHEMA,
         "tsqp_version": __version__,
         "config": {"stage": cfg.stage, "transport": cfg.transport.name,
+                   "transport_options": p.transport.options.model_dump(),
                    "executor": cfg.executor.name, "partition": cfg.partition.name,
                    "protection": cfg.protection.name, "tee_ops": cfg.tee_ops.name,
                    "model": cfg.model.path or cfg.model.name, "dtype": cfg.dtype,

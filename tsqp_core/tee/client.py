@@ -45,6 +45,11 @@ class RemoteGpu:
         self.max_reply = protocol.PRE_HELLO_BYTES
         #: The largest batch and positions the hello declared (calls beyond are refused).
         self.batch = self.positions = 0
+        #: Bytes of call tensors this side copied itself: request tensors into the
+        #: transport's memory (or, where it lends none, those that were not contiguous host
+        #: memory), and borrowed replies out of it (once, before any check reads them: the
+        #: peer can still write there). The transport's own copies are its count.
+        self.copied_bytes = 0
 
     def _exchange(self, message: Any, tensors: dict[str, torch.Tensor] | None = None,
                   timeout: float | None = None) -> tuple[codec.Message, list[Any], int, int, int]:
@@ -52,7 +57,7 @@ class RemoteGpu:
         spent encoding, in the round trip and decoding."""
         req_id = next(self._ids)
         t0 = now_ns()
-        frames = protocol.encode_request(req_id, message, tensors)
+        frames = self._encode(req_id, message, tensors)
         t1 = now_ns()
         reply_frames = self.channel.request(frames, self.timeout if timeout is None else timeout)
         t2 = now_ns()
@@ -69,6 +74,24 @@ class RemoteGpu:
             raise RemoteError(f"malformed reply from the GPU side to {message.METHOD}: "
                               f"{exc}") from None
         return reply, frames, t1 - t0, t2 - t1, now_ns() - t2
+
+    def _encode(self, req_id: int, message: Any,
+                tensors: dict[str, torch.Tensor] | None) -> list[Any]:
+        """The request's frames; where the channel lends its memory, each tensor is copied
+        once, straight into it (whatever its strides), and the channel copies only the
+        header."""
+        if tensors:
+            buffers = self.channel.reserve([t.numel() * t.element_size()
+                                            for t in tensors.values()])
+            if buffers is not None:
+                for t, buf in zip(tensors.values(), buffers):
+                    codec.place(t, buf)
+                    self.copied_bytes += t.numel() * t.element_size()
+                return codec.pack(protocol.request_header(req_id, message),
+                                  codec.describe(tensors), buffers)
+            self.copied_bytes += sum(t.numel() * t.element_size() for t in tensors.values()
+                                     if not (t.is_cpu and t.is_contiguous()))
+        return protocol.encode_request(req_id, message, tensors)
 
     def hello(self, hello: Hello, timeout: float | None = None) -> HelloReply:
         self._hello, self._hello_timeout = hello, timeout
@@ -124,5 +147,7 @@ class RemoteGpu:
         meter.add("transport", t_rtt - server_ns)
         sent = sum(memoryview(f).nbytes for f in frames[1:])
         received = sum(t.numel() * t.element_size() for t in reply.tensors.values())
+        if self.borrowed:
+            self.copied_bytes += received
         meter.record_call(call.method, sent, received, t_enc + t_rtt + t_dec + t_done - t_check)
         return reply.tensors

@@ -123,7 +123,7 @@ from tsqp_core import hookimpl
 from tsqp_core.plugins import PluginOptions
 from tsqp_core.protocol import clean_text
 from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, Peer, PeerDead,
-                                 PeerTimeout, ServerChannel, Transport, TransportError,
+                                 PeerTimeout, ServerChannel, ThreadBudget, Transport, TransportError,
                                  Watchdog)
 
 SCHEME = "shm://"
@@ -159,9 +159,23 @@ class ShmOptions(PluginOptions):
     #: Poll the semaphore this long before sleeping on it. Waking a sleeping process (and
     #: an idle vCPU) costs tens of microseconds, more than a small round trip itself; a
     #: short spin catches the replies and requests that follow quickly. 0 never spins.
-    spin_us: int = Field(50, ge=0, le=10_000)
+    #: ``null`` (auto): :data:`SPIN_US` when the run's two sides have a core each for every
+    #: thread (``threads.tee + threads.gpu`` <= cores), else 0 -- a waiter spinning on a
+    #: core its peer needs delays the very reply it waits for. A side used without a run
+    #: (``fit`` never called) spins :data:`SPIN_US`.
+    spin_us: int | None = Field(None, ge=0, le=10_000)
     #: Links a server holds at once (handshakes included); one more is refused.
     max_clients: int = Field(8, ge=1, le=1024)
+
+
+#: The spin of ``spin_us: null`` when the budget leaves cores to spin on: long enough to
+#: span the TEE's own work between two calls of a small model (README, "Spinning versus
+#: sleeping"), short enough not to burn a core through a long GPU-side computation.
+SPIN_US = 500
+
+
+def _spin_s(options: ShmOptions) -> float:
+    return (SPIN_US if options.spin_us is None else options.spin_us) / 1e6
 
 
 class _Malformed(TransportError):
@@ -280,6 +294,9 @@ class _Region:
         self.map = mmap.mmap(fd, CTRL_BYTES + arena, mmap.MAP_SHARED, prot)
         self.view = memoryview(self.map)
         self.reserved = 0
+        #: Bytes ``write`` copied into the arena (headers included): the copy-count tests.
+        self.copied = 0
+        self._reserved_views: tuple[list[memoryview], list[tuple[int, int]], int] | None = None
 
     def _reserve(self, used: int) -> None:
         want = min(self.arena, -(-used // RESERVE_STEP) * RESERVE_STEP)
@@ -294,29 +311,63 @@ class _Region:
                 f"({exc.strerror}); free or enlarge {SHM_DIR}") from None
         self.reserved = want
 
-    def write(self, seq: int, frames: Frames) -> None:
-        """Copy ``frames`` into the arena, then the table, then the control block."""
-        views = [_flat(f) for f in frames]
-        n = len(views)
-        if n > MAX_FRAMES:
-            raise MessageTooLarge(f"{n} frames; the shm transport carries at most {MAX_FRAMES}")
-        offsets = []
-        end = _align(16 * n)
-        for v in views:
-            offsets.append(end)
-            offsets.append(v.nbytes)
-            end = _align(end + v.nbytes)
+    def _fit(self, end: int) -> None:
         if end > self.arena:
             raise MessageTooLarge(
                 f"a message of {end} bytes does not fit the {self.arena}-byte shm arena; raise "
                 "transport.options.arena_bytes")
         if end > self.reserved:
             self._reserve(end)
+
+    def reserve(self, sizes: list[int]) -> list[memoryview]:
+        """Writable views of the arena for the tensor frames of the next message (frames 1..n
+        of ``write``; the header, written last, goes after them). Valid until the next
+        ``write`` or ``reserve``."""
+        n = len(sizes) + 1
+        if n > MAX_FRAMES:
+            raise MessageTooLarge(f"{n} frames; the shm transport carries at most {MAX_FRAMES}")
+        at, spans = _align(16 * n), []
+        for size in sizes:
+            spans.append((at, size))
+            at = _align(at + size)
+        self._fit(at)
+        views = [self.view[CTRL_BYTES + a:CTRL_BYTES + a + size] for a, size in spans]
+        self._reserved_views = (views, spans, at)
+        return views
+
+    def write(self, seq: int, frames: Frames) -> None:
+        """Copy ``frames`` into the arena, then the table, then the control block. Frames
+        that are the views :meth:`reserve` handed out are already in place: not copied."""
+        views = [_flat(f) for f in frames]
+        n = len(views)
+        if n > MAX_FRAMES:
+            raise MessageTooLarge(f"{n} frames; the shm transport carries at most {MAX_FRAMES}")
+        reserved, self._reserved_views = self._reserved_views, None
+        offsets = []
+        if reserved is not None and n == len(reserved[0]) + 1 and all(
+                f is r for f, r in zip(frames[1:], reserved[0])):
+            _, spans, end = reserved  # the tensors are in place; the header goes last
+            header = views[0]
+            offsets += [end, header.nbytes]
+            for at, size in spans:
+                offsets += [at, size]
+            views = [header]
+            end = _align(end + header.nbytes)
+            starts = [offsets[0]]
+        else:
+            end = _align(16 * n)
+            for v in views:
+                offsets.append(end)
+                offsets.append(v.nbytes)
+                end = _align(end + v.nbytes)
+            starts = offsets[0::2]
+        self._fit(end)
         buf = self.view
-        for v, at in zip(views, offsets[0::2]):
+        for v, at in zip(views, starts):
             if v.nbytes:
                 at += CTRL_BYTES
                 buf[at:at + v.nbytes] = v
+                self.copied += v.nbytes
         _table(n).pack_into(buf, CTRL_BYTES, *offsets)
         _CTRL.pack_into(buf, 0, MAGIC, seq, n, 0, end)
 
@@ -571,7 +622,7 @@ class ShmServer(ServerChannel):
     def _wait(self, deadline: float | None) -> _Link | None:
         """Take one link's request semaphore; ``None`` after a slice with nothing."""
         links = self._links
-        spin = self.options.spin_us / 1e6
+        spin = _spin_s(self.options)
         if not links:
             left = _left(deadline)
             self._select(SLICE_S if left is None else max(0.0, min(SLICE_S, left)))
@@ -724,6 +775,17 @@ class ShmServer(ServerChannel):
 
     # --- answering --------------------------------------------------------------------------
 
+    def reserve(self, sizes: list[int]) -> list[memoryview] | None:
+        link = self._answer
+        if link is None or not link.pending:
+            raise TransportError("reserve() without a request to answer")
+        return link.rep.reserve(sizes)
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes this side copied into its reply arenas, over the links up now."""
+        return sum(link.rep.copied for link in self._links)
+
     def send(self, frames: Frames) -> None:
         link = self._answer
         if link is None or not link.pending:
@@ -840,7 +902,7 @@ class ShmClient(ClientChannel):
         try:
             while True:
                 try:
-                    _acquire(link.rep_sem, deadline, self.options.spin_us / 1e6)
+                    _acquire(link.rep_sem, deadline, _spin_s(self.options))
                     break
                 except posix_ipc.BusyError:
                     self._check(link, deadline, timeout)
@@ -854,6 +916,16 @@ class ShmClient(ClientChannel):
         except _Malformed as exc:
             self._drop()
             raise TransportError(f"malformed reply from {self.address}: {exc}") from None
+
+    def reserve(self, sizes: list[int]) -> list[memoryview] | None:
+        if self._closed or self._link is None:
+            return None  # request() connects, then copies as usual
+        return self._link.req.reserve(sizes)
+
+    @property
+    def copied_bytes(self) -> int:
+        """Bytes this side copied into its request arena (0 before the first connection)."""
+        return self._link.req.copied if self._link is not None else 0
 
     def _check(self, link: _Link, deadline: float | None, timeout: float | None) -> None:
         reason = self.watchdog() if self.watchdog else None
@@ -895,6 +967,11 @@ class ShmTransport(Transport):
         name = _parse(address) if address else f"tsqp-{os.getpid()}-{secrets.token_hex(4)}"
         _sweep_stale()
         return ShmServer(name, self.options)  # type: ignore[arg-type]
+
+    def fit(self, budget: ThreadBudget) -> None:
+        if self.options.spin_us is None:
+            self.options = self.options.model_copy(
+                update={"spin_us": SPIN_US if budget.spare else 0})
 
     def check_address(self, address: str) -> None:
         _parse(address)

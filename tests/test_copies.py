@@ -1,0 +1,80 @@
+"""Bytes copied per call, counted on each side: one copy per direction.
+
+The GPU side serves over shared memory on a thread of this process, so both sides' counters
+can be read. A request's tensors are copied once, by the TEE side straight into the request
+arena (``ClientChannel.reserve``; strided values too), and read in place by the GPU side. A reply is written once by the GPU side, straight into the reply
+arena (``ServerChannel.reserve``), and copied once out of it by the TEE side -- a copy the
+TEE must make anyway: the GPU side can still write to that memory, so values are checked
+and used only from the TEE's own copy."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from tsqp_core.gpu.server import GpuServer
+from tsqp_core.metrics import Meter
+from tsqp_core.models.source import resolve
+from tsqp_core.plugins import get_plugins
+from tsqp_core.run import connect, prepare
+from tsqp_core.tee.pipeline import Session
+
+from conftest import compose
+
+pytestmark = pytest.mark.timeout(300)
+
+
+def _nbytes(frames) -> list[int]:
+    return [memoryview(f).nbytes for f in frames]
+
+
+@pytest.mark.parametrize("stage,dtype", [("stage2", "float32"), ("stage3", "bfloat16"),
+                                         ("stage1", "float32")])
+def test_each_direction_is_copied_once(stage, dtype):
+    cfg = compose(f"stage={stage}", "model=tiny", "threads.tee=1")
+    server = GpuServer(resolve(cfg.model), get_plugins().executors.create(cfg.executor.name),
+                       cfg.executor.name, cfg.torch_dtype, torch.device("cpu"))
+    seen: list[tuple[list[int], list[int]]] = []
+    server.observe(lambda req, rep: seen.append((_nbytes(req), _nbytes(rep))))
+    channel = get_plugins().transports.create("shm").listen()
+    stop = threading.Event()
+    thread = threading.Thread(target=server.serve, args=(channel, stop, 0.05), daemon=True)
+    thread.start()
+    try:
+        p = prepare(compose(f"stage={stage}", "model=tiny", f"server.address={channel.address}",
+                            "threads.tee=1"))
+        with connect(p, batch=1, positions=24) as conn:
+            model, remote = conn.model, conn.model.remote
+            session, meter = Session(), Meter()
+            ids = torch.randint(0, conn.hello.dims["vocab"], (1, 16))
+            for tokens in (ids, ids[:, :1], ids[:, 1:2]):  # a prefill, then two decode steps
+                counts = (remote.channel.copied_bytes, remote.copied_bytes,
+                          server.copied_bytes, channel.copied_bytes)
+                first = len(seen)
+                model.forward(tokens, session, meter, last_only=tokens.shape[1] == 1)
+                calls = seen[first:]
+                assert len(calls) == len(model.schedule.calls)
+                request_tensors = sum(sum(req[1:]) for req, _ in calls)
+                request_headers = sum(req[0] for req, _ in calls)
+                reply_tensors = sum(sum(rep[1:]) for _, rep in calls)
+                reply_headers = sum(rep[0] for _, rep in calls)
+                assert reply_tensors > 0
+                tee_transport, tee_own, gpu_own, gpu_transport = (
+                    now - then for now, then in zip(
+                        (remote.channel.copied_bytes, remote.copied_bytes,
+                         server.copied_bytes, channel.copied_bytes), counts))
+                # request: tensors once, by the TEE side into the arena; its transport copies
+                # only the header
+                assert tee_transport == request_headers
+                # reply: once into the arena by the GPU side, once out of it by the TEE side;
+                # the GPU side's transport copies only the small header
+                assert gpu_own == reply_tensors
+                assert gpu_transport == reply_headers
+                assert tee_own == request_tensors + reply_tensors
+            model.end(session)
+    finally:
+        stop.set()
+        thread.join(10)
+        channel.close()
