@@ -79,6 +79,14 @@ class _Plan:
     positions: int
     #: The largest legitimate request of this plan, in bytes.
     max_request: int
+    #: Per call, the caches its ops read and append to: ``(layer, "k" | "v")`` (worked
+    #: out once here, not per call).
+    stateful: list[tuple[tuple[int, str], ...]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.stateful = [tuple((op.layer, "k" if op.kind == "attn_scores" else "v")
+                               for op in call.ops if op.kind in STATEFUL)
+                         for call in self.calls]
 
 
 @dataclass
@@ -343,14 +351,13 @@ class GpuServer:
                                f"{plan.positions})")
         session = req.session
         cache = self._session(client, session, plan.backend)
-        for op in call.ops:
-            if op.kind in STATEFUL:
-                have = cache.length(op.layer, "k" if op.kind == "attn_scores" else "v")
-                if have != req.past:
-                    client.sessions.pop(session, None)
-                    raise RequestError(f"layer {op.layer} cache holds {have} positions, call says "
-                                       f"past={req.past}; session {session} reset")
-        env = dict(tensors)
+        for layer, which in plan.stateful[req.call]:
+            have = cache.length(layer, which)
+            if have != req.past:
+                client.sessions.pop(session, None)
+                raise RequestError(f"layer {layer} cache holds {have} positions, call says "
+                                   f"past={req.past}; session {session} reset")
+        env = tensors  # decoded for this request alone: the backend may add to it
         t0 = now_ns()
         t_decode += t0 - t_checks  # validating a request is part of reading it
         try:
