@@ -309,3 +309,44 @@ def test_stage1_generate_matches_transformers(run_tiny):
                    "workload.new_tokens=8", "reference=true", "seed=5")
     assert res["reference"]["tokens_match"] is True
     assert res["reference"]["max_abs_logit_diff"] <= 1e-4
+
+
+# --- spinning: chosen from the thread budget, adapted to how long waits take -----------------
+
+
+@pytest.mark.parametrize("tee,gpu,cores,want", [(1, 1, 2, shm.SPIN_US), (2, 2, 2, 0),
+                                                (1, 2, 2, 0), (4, 4, 16, shm.SPIN_US)])
+def test_auto_spin_follows_the_thread_budget(tee, gpu, cores, want):
+    from tsqp_core.transport import ThreadBudget
+
+    transport = get_plugins().transports.create("shm")
+    assert transport.options.spin_us is None  # auto until a run settles it
+    transport.fit(ThreadBudget(tee, gpu, cores))
+    assert transport.options.spin_us == want
+    chosen = get_plugins().transports.create("shm", {"spin_us": 70})
+    chosen.fit(ThreadBudget(tee, gpu, cores))
+    assert chosen.options.spin_us == 70  # a value the user set is theirs
+
+
+def test_a_run_records_the_spin_it_chose(tmp_path):
+    from conftest import run_config
+
+    result = run_config(tmp_path, "model=tiny", "transport=shm", "threads.tee=1",
+                        "threads.gpu=1", "workload=prefill", "workload.prompt_tokens=4")
+    options = result["config"]["transport_options"]
+    assert options["spin_us"] == (shm.SPIN_US if len(os.sched_getaffinity(0)) >= 2 else 0)
+
+
+def test_the_spin_shrinks_after_long_waits_and_comes_back_after_a_short_one():
+    spin = shm._Spin(500e-6)
+    for _ in range(10):
+        spin.done(0.01)  # a 10 ms wait: spinning would not have caught it
+    assert spin.now == pytest.approx(500e-6 / 16)
+    spin.done(200e-6)  # answered within the spin
+    assert spin.now == 500e-6
+    spin.done(0.01)
+    assert spin.now == pytest.approx(250e-6)
+    never = shm._Spin(0.0)
+    never.done(0.0)
+    never.done(1.0)
+    assert never.now == 0.0

@@ -22,6 +22,14 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
   it was last called, so the server frees what they held. Several clients may be connected
   at once; none of them -- idle, stalled mid-handshake or mid-request -- keeps the others
   from being served.
+* **Memory it lends (optional).** A transport with memory of its own (shm's arenas) may lend
+  it: ``ClientChannel.reserve`` / ``ServerChannel.reserve`` hand out writable buffers for the
+  tensor frames of the next request / the reply; a message whose frames are those very
+  buffers is sent without copying them again. The rest of the system then copies each tensor
+  once per direction (``tests/test_copies.py`` counts the bytes); ``None`` (the default)
+  means "copy as usual".
+* **Settled for the machine.** ``Transport.fit(ThreadBudget)`` is called once before a run
+  starts, so options marked automatic (shm's spin) can follow the run's threads and cores.
 * **Too large is an error, never a fallback.** A message the channel cannot carry raises
   :class:`MessageTooLarge` before anything is sent; the channel stays usable, and a server
   answers the same request with a small error instead (:func:`tsqp_core.gpu.server.send_reply`).

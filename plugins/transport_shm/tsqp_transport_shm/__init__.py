@@ -50,8 +50,10 @@ One exchange (each semaphore counts 0 or 1)::
     check ctrl: seq == k, table bounds
     return read-only views into rep (borrowed until the next request)
 
-Every ``sem_wait`` first polls the semaphore for ``spin_us`` (waking a sleeping process costs
-more than a small exchange), then sleeps on it in slices.
+Every ``sem_wait`` first polls the semaphore for up to ``spin_us`` (waking a sleeping process
+costs more than a small exchange), then sleeps on it in slices. The poll adapts (:class:`_Spin`):
+after waits longer than ``spin_us`` it shrinks, so a side whose peer is slow, or that shares
+its cores with other busy processes, does not burn the cores its peer needs.
 
 ``sem_post``/``sem_wait`` are full memory barriers: everything written before the post is
 visible after the wait, so a reader never sees a half-written message (no torn reads); the
@@ -176,6 +178,27 @@ SPIN_US = 500
 
 def _spin_s(options: ShmOptions) -> float:
     return (SPIN_US if options.spin_us is None else options.spin_us) / 1e6
+
+
+class _Spin:
+    """How long one side polls before it sleeps: ``spin_us``, while waits are that short.
+
+    Spinning pays only when the peer answers within the spin. A wait that takes longer (a
+    long GPU-side computation, a user thinking between runs, a machine with more busy
+    processes than cores) halves the next spin, down to a sixteenth; a wait that ended
+    within ``spin_us`` -- polling or asleep -- restores it. So a quiet machine running a
+    small model spins every wait, and an oversubscribed one hardly at all."""
+
+    __slots__ = ("limit", "now")
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit = self.now = limit_s
+
+    def done(self, waited_s: float) -> None:
+        if waited_s <= self.limit:
+            self.now = self.limit
+        else:
+            self.now = max(self.limit / 16, self.now / 2)
 
 
 class _Malformed(TransportError):
@@ -584,6 +607,7 @@ class ShmServer(ServerChannel):
         self._departed: list[Peer] = []
         self._housekept = 0.0
         self._closed = False
+        self._spin = _Spin(_spin_s(options))
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(_abstract(name))
@@ -622,17 +646,20 @@ class ShmServer(ServerChannel):
     def _wait(self, deadline: float | None) -> _Link | None:
         """Take one link's request semaphore; ``None`` after a slice with nothing."""
         links = self._links
-        spin = _spin_s(self.options)
+        spin = self._spin.now
         if not links:
             left = _left(deadline)
             self._select(SLICE_S if left is None else max(0.0, min(SLICE_S, left)))
             return None
         if len(links) == 1 and not self._handshakes:
             link = links[0]
+            started = time.perf_counter()
             try:
                 _acquire(link.req_sem, deadline, spin)
+                self._spin.done(time.perf_counter() - started)
                 return link
             except posix_ipc.BusyError:
+                self._spin.done(SLICE_S)
                 self._housekept = 0.0  # a quiet slice: look at the connections now
                 return None
             except posix_ipc.SignalError:
@@ -824,6 +851,7 @@ class ShmClient(ClientChannel):
         self.watchdog = watchdog
         self._name = _parse(address)
         self._closed = False
+        self._spin = _Spin(_spin_s(options))
         self._link: _Link | None = None
         self._link = self._connect(time.monotonic() + options.connect_timeout_s)
 
@@ -899,10 +927,12 @@ class ShmClient(ClientChannel):
         link.req.write(seq, frames)  # MessageTooLarge: nothing sent, the link stays up
         link.seq = seq
         link.req_sem.release()
+        started = time.perf_counter()
         try:
             while True:
                 try:
-                    _acquire(link.rep_sem, deadline, _spin_s(self.options))
+                    _acquire(link.rep_sem, deadline, self._spin.now)
+                    self._spin.done(time.perf_counter() - started)
                     break
                 except posix_ipc.BusyError:
                     self._check(link, deadline, timeout)
