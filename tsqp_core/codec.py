@@ -161,32 +161,6 @@ def _check_spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...], int]:
     return name, torch_dtype, tuple(shape), math.prod(shape) * torch_dtype.itemsize
 
 
-#: Descriptors already checked, by ``(name, dtype, *shape)``: a call's tensors repeat from
-#: one call to the next, and checking a descriptor again costs more than finding it. Only
-#: descriptors that passed :func:`_check_spec` enter; the key is built from the received
-#: values themselves, so a lookup cannot accept what the check would refuse (an unhashable
-#: or unexpected element makes the key fail or miss, and the full check runs).
-_CHECKED: dict[tuple, tuple[str, torch.dtype, tuple[int, ...], int]] = {}
-_CHECKED_MAX = 4096
-
-
-def _spec(spec: Any) -> tuple[str, torch.dtype, tuple[int, ...], int]:
-    try:
-        key = (type(spec[0]), type(spec[1]), *map(type, spec[2]), *spec[0:2], *spec[2]) \
-            if type(spec) is list and len(spec) == 3 and type(spec[2]) is list else None
-        hit = _CHECKED.get(key) if key is not None else None
-    except TypeError:  # an unhashable element: the full check says what is wrong
-        hit = None
-    if hit is not None:
-        return hit
-    checked = _check_spec(spec)
-    if key is not None:
-        if len(_CHECKED) >= _CHECKED_MAX:
-            _CHECKED.clear()
-        _CHECKED[key] = checked
-    return checked
-
-
 def decode(frames: Sequence[Any], *, copy: bool = False) -> Message:
     """Parse and validate ``frames``; with ``copy`` the tensors own their memory."""
     if not frames:
@@ -210,7 +184,7 @@ def decode(frames: Sequence[Any], *, copy: bool = False) -> Message:
         )
     tensors: dict[str, torch.Tensor] = {}
     for spec, buf in zip(specs, frames[1:]):
-        name, dtype, shape, want = _spec(spec)
+        name, dtype, shape, want = _check_spec(spec)
         if name in tensors:
             raise ProtocolError(f"tensor '{name}' appears twice")
         view = memoryview(buf)
