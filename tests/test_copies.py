@@ -2,10 +2,11 @@
 
 The GPU side serves over shared memory on a thread of this process, so both sides' counters
 can be read. A request's tensors are copied once, by the TEE side straight into the request
-arena (``ClientChannel.reserve``; strided values too), and read in place by the GPU side. A reply is written once by the GPU side, straight into the reply
-arena (``ServerChannel.reserve``), and copied once out of it by the TEE side -- a copy the
-TEE must make anyway: the GPU side can still write to that memory, so values are checked
-and used only from the TEE's own copy."""
+arena (``ClientChannel.reserve``; strided values too), and read in place by the GPU side. A
+reply is written once by the GPU side, straight into the reply arena
+(``ServerChannel.reserve``), and copied once out of it by the TEE side -- a copy the TEE
+must make anyway: the GPU side can still write to that memory, so values are checked and
+used only from the TEE's own copy."""
 
 from __future__ import annotations
 

@@ -92,8 +92,15 @@ def over(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     return t.view(dtype) if dtype is torch.bfloat16 else t
 
 
+#: Below this many bytes a copy is cheapest through numpy (no dispatch); above it, torch's
+#: copy runs on every thread (a 262 MB reply: 93 ms against numpy's 490 ms here).
+SMALL_COPY = 1 << 16
+
+
 def owned(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     """A tensor of ``dtype`` and ``shape`` holding a copy of ``buffer``'s bytes."""
+    if memoryview(buffer).nbytes > SMALL_COPY:
+        return over(buffer, dtype, shape).clone()
     array = numpy.frombuffer(buffer, _NUMPY[dtype]).reshape(shape).copy()
     t = torch.from_numpy(array)
     return t.view(dtype) if dtype is torch.bfloat16 else t
@@ -115,8 +122,8 @@ def place(t: torch.Tensor, buffer: Any) -> None:
     device -- from a device, the one device-to-host transfer."""
     if t.numel() == 0:
         return
-    if t.is_cpu and t.is_contiguous():  # a plain byte copy is the cheapest for small ones
-        memoryview(buffer)[:] = tensor_buffer(t)
+    if t.is_cpu and t.is_contiguous() and t.numel() * t.element_size() <= SMALL_COPY:
+        memoryview(buffer)[:] = tensor_buffer(t)  # the cheapest for small ones
     else:
         over(buffer, t.dtype, t.shape).copy_(t)
 

@@ -428,8 +428,8 @@ def _peek_id(frames: list[Any]) -> int | None:
 def serve_loop(channel: ServerChannel, handle: Callable[[list[Any], Peer, Reserve], list[Any]],
                stop: threading.Event | None, poll_s: float,
                forget: Callable[[Peer], None] | None = None) -> None:
-    """Receive, ``handle(frames, peer, channel.reserve)`` (which never raises), reply -- until ``stop`` is
-    set; ``forget(peer)`` for every peer the channel reports gone."""
+    """Receive, ``handle(frames, peer, channel.reserve)`` (which never raises), reply --
+    until ``stop`` is set; ``forget(peer)`` for every peer the channel reports gone."""
     while stop is None or not stop.is_set():
         frames = channel.recv(timeout=poll_s)
         if forget is not None:

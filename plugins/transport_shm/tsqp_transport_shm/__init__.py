@@ -125,8 +125,8 @@ from tsqp_core import hookimpl
 from tsqp_core.plugins import PluginOptions
 from tsqp_core.protocol import clean_text
 from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, Peer, PeerDead,
-                                 PeerTimeout, ServerChannel, ThreadBudget, Transport, TransportError,
-                                 Watchdog)
+                                 PeerTimeout, ServerChannel, ThreadBudget, Transport,
+                                 TransportError, Watchdog)
 
 SCHEME = "shm://"
 VERSION = 2
