@@ -199,7 +199,16 @@ def serve_app(args: list[str]) -> int:
                                  "its own process: nobody could reach this server; use tcp "
                                  "or shm")
         torch.set_num_threads(config.threads.gpu)
-        spec = ServerSpec(transport=config.transport.model_dump(), address=config.server.address,
+        # machine-dependent transport options (shm's spin) settled as a run would settle them
+        from tsqp_core.run.prepare import usable_cores
+        from tsqp_core.transport import ThreadBudget
+
+        transport = get_plugins().transports.create(config.transport.name,
+                                                    config.transport.options)
+        transport.fit(ThreadBudget(config.threads.tee, config.threads.gpu, usable_cores()))
+        spec = ServerSpec(transport={"name": config.transport.name,
+                                     "options": transport.options.model_dump()},
+                          address=config.server.address,
                           model_dir=str(resolve(config.model)), executor=config.executor.model_dump(),
                           dtype=config.dtype, device=config.device, threads=config.threads.gpu,
                           max_sessions=config.server.max_sessions,

@@ -926,8 +926,8 @@ class ShmClient(ClientChannel):
         seq = link.seq + 1
         link.req.write(seq, frames)  # MessageTooLarge: nothing sent, the link stays up
         link.seq = seq
-        link.req_sem.release()
         started = time.perf_counter()
+        link.req_sem.release()
         try:
             while True:
                 try:
