@@ -68,7 +68,10 @@ def one_case(transport: str, victim: str, sig: str, tmp: Path) -> dict:
     run = subprocess.Popen(
         [sys.executable, "-m", "tsqp_core", "run", "model=tiny", f"transport={transport}",
          "workload=generate", "workload.new_tokens=3000", "prompt=null", "threads.tee=1",
-         "threads.gpu=1", f"hydra.run.dir={tmp}"],
+         "threads.gpu=1", f"hydra.run.dir={tmp}",
+         # four runs at once on a small machine: no spinning waiter (that is shm's own
+         # business, tests/test_transport_shm.py), whatever the load average says
+         *(["transport.options.spin_us=0"] if transport == "shm" else [])],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     child = None
@@ -86,7 +89,16 @@ def one_case(transport: str, victim: str, sig: str, tmp: Path) -> dict:
             os.killpg(run.pid, SIGNALS[sig])
         else:
             os.kill(run.pid if victim == "run" else child, SIGNALS[sig])
-        _, err = run.communicate(timeout=120)
+        try:
+            _, err = run.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            # where is it? (python -m tsqp_core prints its stacks on SIGUSR1)
+            os.kill(run.pid, signal.SIGUSR1)
+            time.sleep(2)
+            os.killpg(run.pid, signal.SIGKILL)
+            _, err = run.communicate()
+            raise AssertionError(f"{transport}: SIG{sig} to the {victim}: still running "
+                                 f"120 s later; its stacks:\n{err[-6000:]}") from None
     finally:
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)

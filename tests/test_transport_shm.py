@@ -314,17 +314,18 @@ def test_stage1_generate_matches_transformers(run_tiny):
 # --- spinning: chosen from the thread budget, adapted to how long waits take -----------------
 
 
-@pytest.mark.parametrize("tee,gpu,cores,want", [(1, 1, 2, shm.SPIN_US), (2, 2, 2, 0),
-                                                (1, 2, 2, 0), (4, 4, 16, shm.SPIN_US)])
-def test_auto_spin_follows_the_thread_budget(tee, gpu, cores, want):
+@pytest.mark.parametrize("tee,gpu,cores,busy,want", [
+    (1, 1, 2, 0, shm.SPIN_US), (2, 2, 2, 0, 0), (1, 2, 2, 0, 0), (4, 4, 16, 0, shm.SPIN_US),
+    (1, 1, 2, 1, 0), (4, 4, 16, 8, shm.SPIN_US), (4, 4, 16, 9, 0)])
+def test_auto_spin_follows_the_thread_budget(tee, gpu, cores, busy, want):
     from tsqp_core.transport import ThreadBudget
 
     transport = get_plugins().transports.create("shm")
     assert transport.options.spin_us is None  # auto until a run settles it
-    transport.fit(ThreadBudget(tee, gpu, cores))
+    transport.fit(ThreadBudget(tee, gpu, cores, busy))
     assert transport.options.spin_us == want
     chosen = get_plugins().transports.create("shm", {"spin_us": 70})
-    chosen.fit(ThreadBudget(tee, gpu, cores))
+    chosen.fit(ThreadBudget(tee, gpu, cores, busy))
     assert chosen.options.spin_us == 70  # a value the user set is theirs
 
 
@@ -334,7 +335,7 @@ def test_a_run_records_the_spin_it_chose(tmp_path):
     result = run_config(tmp_path, "model=tiny", "transport=shm", "threads.tee=1",
                         "threads.gpu=1", "workload=prefill", "workload.prompt_tokens=4")
     options = result["config"]["transport_options"]
-    assert options["spin_us"] == (shm.SPIN_US if len(os.sched_getaffinity(0)) >= 2 else 0)
+    assert options["spin_us"] in (shm.SPIN_US, 0)  # 0 when the machine is busy right now
 
 
 def test_the_spin_shrinks_after_long_waits_and_comes_back_after_a_short_one():

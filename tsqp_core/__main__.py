@@ -13,6 +13,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import sys  # noqa: E402
 
+
+def _stacks_on_sigusr1() -> None:
+    """``kill -USR1 PID`` prints every thread's Python stack to stderr: a run (or a GPU side)
+    that seems stuck says where it is, and goes on."""
+    import faulthandler
+    import signal
+
+    if hasattr(signal, "SIGUSR1"):
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
+
 USAGE = """usage: python -m tsqp_core COMMAND [ARGS]
 
 commands:
@@ -53,6 +63,7 @@ TOOLS = {"fuzz": "tsqp_core.fuzz", "soak": "tsqp_core.soak"}
 def main(argv: list[str] | None = None) -> int:
     """Run a command; Ctrl-C anywhere ends it with one line and exit code 130 (a SIGTERM
     during ``run``: 143)."""
+    _stacks_on_sigusr1()
     try:
         return _main(sys.argv[1:] if argv is None else argv)
     except KeyboardInterrupt as exc:

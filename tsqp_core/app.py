@@ -200,12 +200,11 @@ def serve_app(args: list[str]) -> int:
                                  "or shm")
         torch.set_num_threads(config.threads.gpu)
         # machine-dependent transport options (shm's spin) settled as a run would settle them
-        from tsqp_core.run.prepare import usable_cores
-        from tsqp_core.transport import ThreadBudget
+        from tsqp_core.run.prepare import thread_budget
 
         transport = get_plugins().transports.create(config.transport.name,
                                                     config.transport.options)
-        transport.fit(ThreadBudget(config.threads.tee, config.threads.gpu, usable_cores()))
+        transport.fit(thread_budget(config.threads.tee, config.threads.gpu))
         spec = ServerSpec(transport={"name": config.transport.name,
                                      "options": transport.options.model_dump()},
                           address=config.server.address,

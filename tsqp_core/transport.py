@@ -147,19 +147,21 @@ class ServerChannel(ABC):
 
 
 class ThreadBudget(NamedTuple):
-    """The threads each side of a run computes with and the cores this machine gives the
-    run: a transport that busy-waits (spins) should do so only when both sides have cores
-    of their own (``tee + gpu <= cores``), else a spinning waiter steals the core its peer
-    needs to produce the reply."""
+    """The threads each side of a run computes with, the cores this machine gives the run and
+    how many of them other work keeps busy: a transport that busy-waits (spins) should do so
+    only when both sides have cores of their own (``tee + gpu + busy <= cores``), else a
+    spinning waiter steals the core its peer needs to produce the reply."""
 
     tee: int
     gpu: int
     cores: int
+    #: Cores already kept busy by other work (the load average, rounded down).
+    busy: int = 0
 
     @property
     def spare(self) -> bool:
-        """Both sides can spin without taking a core from the other."""
-        return self.tee + self.gpu <= self.cores
+        """Both sides can spin without taking a core from the other or from other work."""
+        return self.tee + self.gpu + self.busy <= self.cores
 
 
 class Transport(ABC):

@@ -61,7 +61,7 @@ def prepare(cfg: RunConfig) -> Prepared:
     objs = {fam: plugins.registry(fam).create(getattr(cfg, fam).name, getattr(cfg, fam).options)
             for fam in ("transport", "partition", "protection", "tee_ops")}
     # options that depend on the machine (shm's spin) are settled now, and recorded so
-    objs["transport"].fit(ThreadBudget(cfg.threads.tee, cfg.threads.gpu, usable_cores()))
+    objs["transport"].fit(thread_budget(cfg.threads.tee, cfg.threads.gpu))
     executor, grouping = executor_grouping(cfg)
     if cfg.server.tamper is not None:
         from pydantic import ValidationError
@@ -99,6 +99,15 @@ def prepare(cfg: RunConfig) -> Prepared:
     return Prepared(cfg, executor=executor, grouping=grouping, model_dir=model_dir, ckpt=ckpt,
                     fingerprint=digest, schedule=schedule, wires=wires, prompt=prompt,
                     tokenizer=tokenizer, model_info=info, **objs)
+
+
+def thread_budget(tee: int, gpu: int) -> ThreadBudget:
+    """The run's threads against this machine's cores and what other work keeps busy now."""
+    try:
+        busy = int(os.getloadavg()[0])
+    except OSError:
+        busy = 0
+    return ThreadBudget(tee, gpu, usable_cores(), busy)
 
 
 def usable_cores() -> int:
