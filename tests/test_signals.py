@@ -68,10 +68,7 @@ def one_case(transport: str, victim: str, sig: str, tmp: Path) -> dict:
     run = subprocess.Popen(
         [sys.executable, "-m", "tsqp_core", "run", "model=tiny", f"transport={transport}",
          "workload=generate", "workload.new_tokens=3000", "prompt=null", "threads.tee=1",
-         "threads.gpu=1", f"hydra.run.dir={tmp}",
-         # four runs at once on a small machine: no spinning waiter (that is shm's own
-         # business, tests/test_transport_shm.py), whatever the load average says
-         *(["transport.options.spin_us=0"] if transport == "shm" else [])],
+         "threads.gpu=1", f"hydra.run.dir={tmp}"],
         env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
         start_new_session=True)
     child = None
@@ -146,3 +143,44 @@ def test_no_signal_leaves_anything_behind(tmp_path):
             assert len(lines) == 1 and lines[0].startswith("tsqp: run failed:"), where
             assert ("GPU server process exited with code" in lines[0]
                     or "the server closed the connection" in lines[0]), where
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+def test_a_run_started_with_the_signals_blocked_still_stops_on_them(tmp_path):
+    """A parent that spawns the run from a thread with SIGINT and SIGTERM blocked (a test
+    runner's worker thread can be one) hands that mask down: the run unblocks them, or Ctrl-C
+    would pend forever while it goes on generating."""
+    import threading
+
+    started: dict[str, subprocess.Popen] = {}
+
+    def spawn() -> None:
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        started["run"] = subprocess.Popen(
+            [sys.executable, "-m", "tsqp_core", "run", "model=tiny", "transport=shm",
+             "workload=generate", "workload.new_tokens=3000", "prompt=null", "threads.tee=1",
+             "threads.gpu=1", f"hydra.run.dir={tmp_path}"],
+            env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
+
+    thread = threading.Thread(target=spawn)
+    thread.start()
+    thread.join()
+    run = started["run"]
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            kids = _children(run.pid)
+            if kids and _connected(kids[0]):
+                break
+            time.sleep(0.2)
+        time.sleep(1.0)
+        os.kill(run.pid, signal.SIGINT)
+        _, err = run.communicate(timeout=30)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 130, err
+    assert "tsqp: interrupted" in err

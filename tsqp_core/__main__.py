@@ -14,6 +14,16 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import sys  # noqa: E402
 
 
+def _signals_unblocked() -> None:
+    """Take SIGINT and SIGTERM out of the inherited signal mask. A parent that starts us from
+    a thread with them blocked (seen: a test runner's worker threads after a library blocked
+    them there) would otherwise leave Ctrl-C and SIGTERM pending forever, and the run going."""
+    import signal
+
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT, signal.SIGTERM})
+
+
 def _stacks_on_sigusr1() -> None:
     """``kill -USR1 PID`` prints every thread's Python stack to stderr: a run (or a GPU side)
     that seems stuck says where it is, and goes on."""
@@ -63,6 +73,7 @@ TOOLS = {"fuzz": "tsqp_core.fuzz", "soak": "tsqp_core.soak"}
 def main(argv: list[str] | None = None) -> int:
     """Run a command; Ctrl-C anywhere ends it with one line and exit code 130 (a SIGTERM
     during ``run``: 143)."""
+    _signals_unblocked()
     _stacks_on_sigusr1()
     try:
         return _main(sys.argv[1:] if argv is None else argv)
