@@ -16,8 +16,8 @@ import sys  # noqa: E402
 
 def _signals_unblocked() -> None:
     """Take SIGINT and SIGTERM out of the inherited signal mask. A parent that starts us from
-    a thread with them blocked (seen: a test runner's worker threads after a library blocked
-    them there) would otherwise leave Ctrl-C and SIGTERM pending forever, and the run going."""
+    a thread with them blocked (seen: runs started from a test runner's worker threads) would
+    otherwise leave Ctrl-C and SIGTERM pending forever, and the run going."""
     import signal
 
     if hasattr(signal, "pthread_sigmask"):
