@@ -84,12 +84,19 @@ _NUMPY = {torch.float32: numpy.float32, torch.float16: numpy.float16,
           torch.uint8: numpy.uint8}
 
 
+def _array(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> numpy.ndarray:
+    return numpy.frombuffer(buffer, _NUMPY[dtype]).reshape(shape)
+
+
+def _tensor(array: numpy.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    t = torch.from_numpy(array)
+    return t.view(dtype) if dtype is torch.bfloat16 else t
+
+
 def over(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
     """A tensor of ``dtype`` and ``shape`` over ``buffer``'s memory (no copy): writing to
     it writes the buffer. ``buffer`` must hold exactly those bytes."""
-    array = numpy.frombuffer(buffer, _NUMPY[dtype]).reshape(shape)
-    t = torch.from_numpy(array)
-    return t.view(dtype) if dtype is torch.bfloat16 else t
+    return _tensor(_array(buffer, dtype, shape), dtype)
 
 
 #: Below this many bytes a copy is cheapest through numpy (no dispatch); above it, torch's
@@ -101,9 +108,7 @@ def owned(buffer: Any, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor
     """A tensor of ``dtype`` and ``shape`` holding a copy of ``buffer``'s bytes."""
     if memoryview(buffer).nbytes > SMALL_COPY:
         return over(buffer, dtype, shape).clone()
-    array = numpy.frombuffer(buffer, _NUMPY[dtype]).reshape(shape).copy()
-    t = torch.from_numpy(array)
-    return t.view(dtype) if dtype is torch.bfloat16 else t
+    return _tensor(_array(buffer, dtype, shape).copy(), dtype)
 
 
 def describe(tensors: dict[str, torch.Tensor]) -> list[list]:
@@ -130,15 +135,7 @@ def place(t: torch.Tensor, buffer: Any) -> None:
 
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[list], list[Any]]:
     """Tensor descriptors and raw buffers, in order."""
-    specs = []
-    buffers = []
-    for name, t in tensors.items():
-        dtype = DTYPE_NAMES.get(t.dtype)
-        if dtype is None:
-            raise ProtocolError(f"tensor '{name}' has unsupported dtype {t.dtype}")
-        specs.append([name, dtype, list(t.shape)])
-        buffers.append(tensor_buffer(t))
-    return specs, buffers
+    return describe(tensors), [tensor_buffer(t) for t in tensors.values()]
 
 
 def pack(header: dict[str, Any], specs: list[list], buffers: list[Any]) -> list[Any]:
