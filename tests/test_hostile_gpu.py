@@ -33,9 +33,9 @@ IN_PROCESS = {
     "nan": ((), IntegrityError, ["call 97 (lm_head)", "'logits'", "1 NaN"]),
     "inf": ((), IntegrityError, ["'logits'", "1 infinite"]),
     "huge": ((), IntegrityError, ["|value| up to 1e+30", "server.max_abs_value"]),
-    "timing": ((), RemoteError, ["call lm_head: bad timing field [0, 1000000000000000, 0]"]),
-    "error": ((), RemoteError, ["GPU side refused call", "[truncated]"]),
-    "oversize": ((), RemoteError, ["reply to call has 16779", "the plan allows; not read"]),
+    "timing": ((), RemoteError, ["call lm_head: bad timings [", ", 1000000000000000, "]),
+    "error": ((), RemoteError, ["GPU side refused lm_head", "[truncated]"]),
+    "oversize": ((), RemoteError, ["reply to lm_head has 16779", "the plan allows; not read"]),
     "no_plan_id": ((), RemoteError, ["malformed hello reply", "'plan_id'"]),
     "dims": ((), RemoteError, ["reports model dimensions", "'hidden': 128"]),
     "element": (OTP, IntegrityError, ["failed an integrity check"]),
@@ -99,15 +99,18 @@ def test_a_hostile_server_description_is_cleaned():
     from tsqp_core.codec import ProtocolError
     from tsqp_core.protocol import HelloReply
 
-    r = HelloReply.parse({"plan_id": "abc", "dims": {"hidden": 64},
+    r = HelloReply.parse({"plan_id": "0123456789abcdef", "dims": {"hidden": 64},
                           "server": {"attention": "\x1b[2Jeager" + "x" * 500,
                                      "nested": {"a": ["\x07", 1, 2.5, None]}}})
     assert r.server["attention"].startswith("?[2Jeager") and len(r.server["attention"]) < 220
     assert r.server["nested"]["a"][0] == "?"
+    ok = "0123456789abcdef"
     for bad in ({"plan_id": "a\x1bb", "dims": {}, "server": {}},
-                {"plan_id": "abc", "dims": {"hidden": "64"}, "server": {}},
-                {"plan_id": "abc", "dims": {}, "server": {"x": b"bytes"}},
-                {"plan_id": "abc", "dims": {}, "server": {"x": [[[[[[1]]]]]]}}):
+                {"plan_id": "0123456789abcdeg", "dims": {}, "server": {}},
+                {"plan_id": ok + "0", "dims": {}, "server": {}},
+                {"plan_id": ok, "dims": {"hidden": "64"}, "server": {}},
+                {"plan_id": ok, "dims": {}, "server": {"x": b"bytes"}},
+                {"plan_id": ok, "dims": {}, "server": {"x": [[[[[[1]]]]]]}}):
         with pytest.raises(ProtocolError):
             HelloReply.parse(bad)
 

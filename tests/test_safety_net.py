@@ -14,8 +14,7 @@ from typing import Any, Callable
 import pytest
 import torch
 
-from tsqp_core import codec
-from tsqp_core.codec import Message
+from tsqp_core import codec, protocol
 from tsqp_core.executor import UnfusedExecutor
 from tsqp_core.gpu.server import GpuServer
 from tsqp_core.metrics import Meter
@@ -38,20 +37,27 @@ Tamper = Callable[[dict[str, Any], dict[str, torch.Tensor]], Any]
 
 class TamperingChannel(ClientChannel):
     """A real :class:`GpuServer` answering in this thread, with call replies rewritten by
-    ``tamper(header, tensors)`` (which edits them in place, or returns raw frames)."""
+    ``tamper(header, tensors)`` -- the header as ``{"kind", "id", "t"}``, the tensors read
+    with the plan's layout ``slots`` -- which edits them in place, or returns raw frames."""
 
     def __init__(self, server: GpuServer) -> None:
         self.server = server
         self.tamper: Tamper | None = None
+        self.slots: tuple[protocol.Slot, ...] = ()
 
     def request(self, frames, timeout):
-        method = codec.decode(list(frames)).header.get("m")
         reply = self.server.handle(list(frames))
-        if self.tamper is None or method != "call":
+        if self.tamper is None or not protocol.is_call_frame(frames[0]):
             return reply
-        msg = codec.decode(reply, copy=True)
-        raw = self.tamper(msg.header, msg.tensors)
-        return raw if raw is not None else codec.encode(msg)
+        _, kind, rid, *t = protocol.CALL_REPLY.unpack(reply[0])
+        header = {"kind": kind, "id": rid, "t": t}
+        tensors = protocol.read_tensors(self.slots, reply[1:], copy=True)
+        raw = self.tamper(header, tensors)
+        if raw is not None:
+            return raw
+        return [protocol.CALL_REPLY.pack(protocol.CALL_TAG, header["kind"], header["id"],
+                                         *header["t"]),
+                *(codec.tensor_buffer(x) for x in tensors.values())]
 
     def close(self) -> None:
         pass
@@ -73,6 +79,7 @@ def tampered():
                        batch=1, positions=16))
     call = next(c for c in schedule.calls if c.method == "qkv_proj")
     assert call.outputs == ("0.q", "0.k", "0.v")
+    channel.slots = protocol.CallLayout(wires[call.index]).slots(1, 4, 0, False)[1]
     x = torch.randn(1, 4, server.dims.hidden, generator=torch.Generator().manual_seed(0))
     site = CallSite(call, wires[call.index], session=1, forward=1, past=0, batch=1, tokens=4,
                     last_only=False, sizes=sizes(1, 4, 0, False))
@@ -100,12 +107,6 @@ def _set(key: str, value: Any) -> Tamper:
     return tamper
 
 
-def _drop(key: str) -> Tamper:
-    def tamper(h, t):
-        h.pop(key, None)
-    return tamper
-
-
 def _tensors(edit: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]]) -> Tamper:
     def tamper(h, t):
         new = edit(dict(t))
@@ -118,59 +119,68 @@ def _bump_id(h, t):
     h["id"] += 1
 
 
-def _rename(t):
-    return {("0.qq" if k == "0.q" else k): v for k, v in t.items()}
-
-
 def _reorder(t):
     return {k: t[k] for k in ("0.k", "0.q", "0.v")}
 
 
+def _msgpack(**fields: Any) -> Tamper:
+    """Answer with a msgpack message (what errors are) instead of a call frame."""
+    def tamper(h, t):
+        return codec.pack({k: h["id"] if v is ID else v for k, v in fields.items()}, [], [])
+    return tamper
+
+
+#: Stands for the request's own id in :func:`_msgpack`.
+ID = object()
+
+
+def _header(edit: Callable[[bytes], bytes]) -> Tamper:
+    def tamper(h, t):
+        head = protocol.CALL_REPLY.pack(protocol.CALL_TAG, h["kind"], h["id"], *h["t"])
+        return [edit(head), *(codec.tensor_buffer(x) for x in t.values())]
+    return tamper
+
+
+# Names, dtypes and shapes do not travel in a call's reply (the plan fixes them), so a reply
+# can only get them wrong as frames of the wrong number or size.
 BAD_REPLIES: dict[str, tuple[Tamper, list[str]]] = {
     # request id
     "id-off-by-one": (_bump_id, ["reply id", "does not match request"]),
-    "id-missing": (_drop("id"), ["reply id None", "does not match"]),
-    # status
-    "ok-false-with-error": (lambda h, t: h.update(ok=False, error="layer 0 exploded: xyzzy"),
-                            ["GPU side refused call", "layer 0 exploded: xyzzy"]),
-    "ok-false-no-error": (lambda h, t: h.update(ok=False), ["refused call", "no reason given"]),
-    "ok-missing": (_drop("ok"), ["malformed reply", "reply has no 'ok'"]),
-    "ok-truthy-not-true": (_set("ok", 1), ["malformed reply", "reply has no 'ok'"]),
-    # output names
+    # status: an error is a msgpack reply to the request
+    "error-with-text": (_msgpack(id=ID, ok=False, error="layer 0 exploded: xyzzy"),
+                        ["GPU side refused qkv_proj", "layer 0 exploded: xyzzy"]),
+    "error-no-text": (_msgpack(id=ID, ok=False), ["refused qkv_proj", "no reason given"]),
+    "error-for-another-id": (_msgpack(id=12345, ok=False, error="x"),
+                             ["call qkv_proj", "reply id 12345 does not match"]),
+    "ok-as-msgpack": (_msgpack(id=ID, ok=True), ["call qkv_proj",
+                                                 "a call's reply must be a call frame"]),
+    "ok-missing": (_msgpack(id=ID), ["call qkv_proj", "reply has no 'ok'"]),
+    # frames: how many
     "missing-tensor": (_tensors(lambda t: {k: v for k, v in t.items() if k != "0.k"}),
-                       ["expected tensors ['0.q', '0.k', '0.v']", "got ['0.q', '0.v']"]),
-    "extra-tensor": (_tensors(lambda t: {**t, "0.x": t["0.q"]}),
-                     ["expected tensors", "'0.x'"]),
-    "renamed-tensor": (_tensors(_rename), ["expected tensors", "'0.qq'"]),
-    "reordered-tensors": (_tensors(_reorder), ["expected tensors", "got ['0.k', '0.q', '0.v']"]),
-    "no-tensors": (_tensors(lambda t: {}), ["expected tensors", "got []"]),
-    # shapes and dtypes
+                       ["expected 3 tensors ['0.q', '0.k', '0.v']", "got 2 frames"]),
+    "extra-tensor": (_tensors(lambda t: {**t, "0.x": t["0.q"]}), ["got 4 frames"]),
+    "no-tensors": (_tensors(lambda t: {}), ["expected 3 tensors", "got 0 frames"]),
+    # frames: how big (what a wrong shape or dtype comes to)
     "short-sequence": (_tensors(lambda t: {**t, "0.q": t["0.q"][:, :3].contiguous()}),
-                       ["tensor '0.q' has shape [1, 3, 64]", "expected [1, 4, 64]"]),
+                       ["tensor '0.q': [1, 4, 64] float32 needs 1024 bytes, frame has 768"]),
     "wrong-width": (_tensors(lambda t: {**t, "0.k": t["0.q"]}),
-                    ["tensor '0.k' has shape [1, 4, 64]", "expected [1, 4, 32]"]),
-    "flattened": (_tensors(lambda t: {**t, "0.v": t["0.v"].reshape(-1)}),
-                  ["tensor '0.v' has shape [128]", "expected [1, 4, 32]"]),
+                    ["tensor '0.k': [1, 4, 32] float32 needs 512 bytes, frame has 1024"]),
+    "reordered-tensors": (_tensors(_reorder), ["tensor '0.q'", "frame has 512"]),
     "bf16-instead-of-fp32": (_tensors(lambda t: {**t, "0.v": t["0.v"].bfloat16()}),
-                             ["tensor '0.v' is bfloat16, expected float32"]),
+                             ["tensor '0.v'", "needs 512 bytes, frame has 256"]),
     "int64-instead-of-fp32": (_tensors(lambda t: {**t, "0.q": t["0.q"].long()}),
-                              ["tensor '0.q' is int64, expected float32"]),
-    # the server's timing field
-    "t-missing": (_drop("t"), ["bad timing field None"]),
-    "t-not-a-list": (_set("t", "fast"), ["bad timing field 'fast'"]),
-    "t-too-short": (_set("t", [1, 2]), ["bad timing field [1, 2]"]),
-    "t-too-long": (_set("t", [1, 2, 3, 4]), ["bad timing field [1, 2, 3, 4]"]),
-    "t-negative": (_set("t", [10, -5, 10]), ["bad timing field [10, -5, 10]"]),
-    "t-float": (_set("t", [10, 2.5, 10]), ["bad timing field [10, 2.5, 10]"]),
-    "t-string": (_set("t", [10, "2", 10]), ["bad timing field"]),
-    "t-bool": (_set("t", [10, True, 10]), ["bad timing field [10, True, 10]"]),
-    "t-beyond-an-hour": (_set("t", [0, 10**15, 0]), ["bad timing field"]),
+                              ["tensor '0.q'", "needs 1024 bytes, frame has 2048"]),
+    # the header itself
+    "request-kind": (_set("kind", 1), ["call qkv_proj", "not a call reply header"]),
+    "header-short": (_header(lambda b: b[:-1]), ["a call reply header has 40 bytes, got 39"]),
+    "header-long": (_header(lambda b: b + b"\0"), ["a call reply header has 40 bytes, got 41"]),
+    # the server's timings
+    "t-beyond-an-hour": (_set("t", [0, 10**15, 0]), ["bad timings [0, 1000000000000000, 0]"]),
     "t-beyond-the-round-trip": (_set("t", [0, 10**12, 0]),
                                 ["the server claims 1000000000000 ns", "end to end"]),
-    # not a codec message at all
-    "not-msgpack": (lambda h, t: [b"\xc1\xc1"], ["malformed reply from the GPU side"]),
-    "buffer-short": (lambda h, t: codec.encode(Message(h, t))[:-1] + [b"1234"],
-                     ["malformed reply", "needs", "bytes"]),
+    # not a message at all
+    "garbage": (lambda h, t: [b"\x00\x01"], ["call qkv_proj", "not valid msgpack"]),
+    "empty": (lambda h, t: [], ["call qkv_proj", "empty reply"]),
 }
 
 

@@ -36,7 +36,26 @@ def schedule():
 
 
 def reply(server, frames, peer=ANONYMOUS):
-    return codec.decode(server.handle(frames, peer))
+    """The server's answer as a codec message; a call frame's as ``{ok, id, t}`` and its
+    tensor frames' bytes (names and shapes are the plan's, not the reply's)."""
+    out = server.handle(frames, peer)
+    if protocol.is_call_frame(out[0]):
+        _, _, rid, *t = protocol.CALL_REPLY.unpack(out[0])
+        return Message({"ok": True, "id": rid, "t": t},
+                       {str(i): torch.frombuffer(bytearray(f), dtype=torch.uint8)
+                        for i, f in enumerate(out[1:])})
+    return codec.decode(out)
+
+
+def call_frames(plan_id, index, tensors, *, s=7, past=0, last=False, batch=None, tokens=None,
+                req_id=2):
+    """A call request: its header, then each tensor's bytes (batch and tokens, unless given,
+    from the first tensor's shape)."""
+    first = next(iter(tensors.values()))
+    req = protocol.CallRequest(int(plan_id, 16), index, s, past, last,
+                               first.shape[0] if batch is None else batch,
+                               first.shape[1] if tokens is None else tokens)
+    return [req.frame(req_id), *(codec.tensor_buffer(t) for t in tensors.values())]
 
 
 def wire_plan(schedule, dims):
@@ -53,9 +72,8 @@ def hello(server, model_dir, schedule, peer=ANONYMOUS, **over):
     return reply(server, codec.encode(Message(h)), peer)
 
 
-def embed_call(server, plan_id, ids, peer=ANONYMOUS, **over):
-    h = {"m": "call", "id": 2, "plan": plan_id, "c": 0, "s": 7, "past": 0, "last": False, **over}
-    return reply(server, codec.encode(Message(h, {"ids": ids})), peer)
+def embed_call(server, plan_id, ids, peer=ANONYMOUS, c=0, **over):
+    return reply(server, call_frames(plan_id, c, {"ids": ids}, **over), peer)
 
 
 def assert_error(msg, *words):
@@ -64,8 +82,13 @@ def assert_error(msg, *words):
         assert w in msg.header["error"], msg.header["error"]
 
 
+#: An honest call header (request id 2) for the malformed variants below.
+CALL = protocol.CallRequest(0, 0, 1, 0, False, 1, 4).frame(2)
+
+
 @pytest.mark.parametrize("frames,words", [
-    ([b"\xc1garbage"], ["msgpack"]),
+    ([b"\xc1garbage"], ["a call header has 44 bytes, got 8"]),  # 0xc1 starts a call
+    ([b"\xdagarbage"], ["msgpack"]),
     ([msgpack.packb([1, 2, 3])], ["map"]),
     ([], ["empty"]),
     ([b"x" * (codec.MAX_HEADER_BYTES + 1)], ["header larger"]),
@@ -80,10 +103,20 @@ def assert_error(msg, *words):
     ([msgpack.packb({"id": "x", "m": "ping"})], ["id"]),
     ([msgpack.packb({"id": 1, "m": "nope"})], ["unknown method"]),
     ([msgpack.packb({"id": 1, "m": "call", "plan": "0", "c": 0, "s": 1, "past": 0})],
-     ["hello first"]),
+     ["unknown method 'call'"]),  # a call is a call frame, never msgpack
+    (call_frames("00" * 8, 0, {"ids": torch.zeros(1, 4, dtype=torch.int64)}), ["hello first"]),
+    ([CALL[:-1]], ["a call header has 44 bytes, got 43"]),
+    ([CALL + b"\0"], ["a call header has 44 bytes, got 45"]),
+    ([CALL[:1] + b"\x02" + CALL[2:]], ["not a call request header"]),
+    ([CALL[:2] + b"\x06" + CALL[3:]], ["unknown call flags 0x6"]),
+    ([protocol.CallRequest(0, 0, 1, 0, False, 0, 4).frame(2)], ["at least one row (batch 0"]),
+    ([protocol.CallRequest(0, 0, 1, 0, False, 1, 0).frame(2)], ["at least one row", "tokens 0"]),
 ])
 def test_malformed_requests_get_error_replies(server, frames, words):
-    assert_error(reply(server, frames), *words)
+    msg = reply(server, frames)
+    assert_error(msg, *words)
+    if frames and protocol.is_call_frame(frames[0]) and len(frames[0]) >= 16:
+        assert msg.header["id"] == 2  # the error answers the call it refuses
     assert reply(server, codec.encode(Message({"m": "ping", "id": 9})).copy()).header["ok"]
 
 
@@ -114,28 +147,32 @@ def test_hello_refuses_a_mismatch(server, model_dir, schedule):
 def test_calls_are_validated_and_the_server_keeps_serving(server, model_dir, schedule):
     plan_id = hello(server, model_dir, schedule).header["plan_id"]
     ids = torch.randint(0, 512, (1, 5))
-    assert_error(embed_call(server, plan_id, ids.to(torch.int32)), "expected int64")
+    assert_error(embed_call(server, plan_id, ids.to(torch.int32)), "tensor 'ids': [1, 5] int64",
+                 "needs 40 bytes, frame has 20")
+    assert_error(embed_call(server, plan_id, ids, tokens=4), "needs 32 bytes, frame has 40")
+    assert_error(reply(server, call_frames(plan_id, 0, {"ids": ids})[:1]),
+                 "expected 1 tensors ['ids'], got 0 frames")
     assert_error(embed_call(server, plan_id, ids, c=10_000), "out of range")
     assert_error(embed_call(server, plan_id, ids + 1000), "out of range")
     assert_error(embed_call(server, plan_id, ids, past=10**9), "beyond what the hello declared")
     assert_error(embed_call(server, plan_id, torch.zeros(3, 5, dtype=torch.int64)),
                  "a call of batch 3", "declared (2, 64)")
-    bad = reply(server, codec.encode(Message(
-        {"m": "call", "id": 3, "plan": plan_id, "c": 1, "s": 7, "past": 0, "last": False},
-        {"0.x": torch.zeros(1, 5, 63)})))
-    assert_error(bad, "shape")
+    bad = reply(server, call_frames(plan_id, 1, {"0.x": torch.zeros(1, 5, 63)}))
+    assert_error(bad, "tensor '0.x': [1, 5, 64] float32 needs 1280 bytes, frame has 1260")
     ok = embed_call(server, plan_id, ids)
-    assert ok.header["ok"] and ok.tensors["h0"].shape == (1, 5, 64)
+    assert ok.header["ok"] and ok.header["id"] == 2
+    assert [t.numel() for t in ok.tensors.values()] == [1 * 5 * 64 * 4]  # h0, float32
 
 
 def test_cache_position_mismatch_resets_the_session(server, model_dir, schedule):
     plan_id = hello(server, model_dir, schedule).header["plan_id"]
     scores = next(c for c in schedule.calls if c.ops[0].kind == "attn_scores")
     q, k = torch.zeros(1, 4, 3, 16), torch.zeros(1, 2, 3, 16)
-    head = {"m": "call", "id": 4, "plan": plan_id, "c": scores.index, "s": 11, "last": False}
-    first = reply(server, codec.encode(Message({**head, "past": 0}, {"0.qr": q, "0.kr": k})))
+    first = reply(server, call_frames(plan_id, scores.index, {"0.qr": q, "0.kr": k}, s=11,
+                                      tokens=3))
     assert first.header["ok"]
-    again = reply(server, codec.encode(Message({**head, "past": 0}, {"0.qr": q, "0.kr": k})))
+    again = reply(server, call_frames(plan_id, scores.index, {"0.qr": q, "0.kr": k}, s=11,
+                                      tokens=3))
     assert_error(again, "cache holds 3 positions")
     assert 11 not in server._clients[ANONYMOUS].sessions
 
@@ -163,9 +200,8 @@ def test_sessions_are_per_client_and_a_full_client_is_refused_not_evicted(server
 
     def scores_call(peer, plan, session, past):
         q, k = torch.zeros(1, 4, 1, 16), torch.zeros(1, 2, 1, 16)
-        return reply(server, codec.encode(Message(
-            {"m": "call", "id": 4, "plan": plan, "c": scores.index, "s": session,
-             "last": False, "past": past}, {"0.qr": q, "0.kr": k})), peer)
+        return reply(server, call_frames(plan, scores.index, {"0.qr": q, "0.kr": k},
+                                         s=session, past=past, tokens=1), peer)
 
     assert scores_call(A, plan_a, 1, 0).header["ok"]  # A's live generation
     for session in range(4):  # B fills its own sessions, then is refused

@@ -7,7 +7,9 @@ hostile peer would: header fields of the wrong type or size (huge, negative, NaN
 long, missing, unknown), methods swapped, plan entries with unknown ops, layers and shapes,
 tensor descriptors that disagree with their bytes, dtypes swapped, NaN contents, frames
 dropped, added, truncated or bit-flipped, messages past the size limits, calls out of
-sequence with the cache, and new connections that say nothing first.
+sequence with the cache, and new connections that say nothing first. Calls go as call frames
+(:data:`tsqp_core.protocol.CALL_REQUEST`) whose fields take extreme values, or -- where a
+mutation leaves them unpackable -- as msgpack, which no server may take for a call.
 
 Every reply is checked: it arrives (else a *hang*), it decodes, it says ``ok`` true or
 false with a bounded error text, and it answers the request's id whenever that id was
@@ -118,8 +120,9 @@ class Fuzzer:
             else:
                 tensors[t.name] = torch.randint(0, self.dims.get("vocab", 2), shape,
                                                 generator=self.gen).to(t.torch_dtype)
-        header = {"m": "call", "id": self._id(), "plan": self.plan_id or "0" * 16, "c": index,
-                  "s": rng.choice([1, 2, 3, rng.getrandbits(62)]), "past": past, "last": last}
+        header = {"m": "call", "id": self._id(), "plan": int(self.plan_id or "0" * 16, 16),
+                  "c": index, "s": rng.choice([1, 2, 3, rng.getrandbits(62)]), "past": past,
+                  "last": last, "batch": 1, "tokens": tokens}
         return header, tensors
 
     def honest(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -139,6 +142,12 @@ class Fuzzer:
 
     def mutate_header(self, h: dict[str, Any]) -> None:
         rng = self.rng
+        if h.get("m") == "call" and rng.random() < 0.5:  # still a call frame, extreme fields
+            for _ in range(rng.randint(1, 3)):
+                key = rng.choice(["plan", "c", "s", "past", "batch", "tokens", "id"])
+                h[key] = rng.choice([0, 1, 2, 63, 64, 65, 2**16, 2**31, 2**32 - 1,
+                                     rng.getrandbits(32)])
+            return
         for _ in range(rng.randint(1, 3)):
             what = rng.random()
             keys = list(h)
@@ -203,9 +212,9 @@ class Fuzzer:
                 tensors[name + "x"] = tensors.pop(name)
             else:
                 tensors["extra"] = torch.zeros(rng.randint(0, 64))
-        frames = codec.encode(Message(h, tensors))
+        frames = encode(h, tensors)
         frames = [bytes(memoryview(f)) for f in frames]
-        if what >= 0.55:
+        if what >= 0.55 and not protocol.is_call_frame(frames[0]):
             header = msgpack.unpackb(frames[0], raw=False)
             specs = header.get("tensors", [])
             if specs and what < 0.75:  # a descriptor that lies about its bytes
@@ -252,16 +261,29 @@ class Fuzzer:
         h, tensors = self.honest()
         r = self.rng.random()
         if r < 0.25:
-            return codec.encode(Message(h, tensors))
+            return encode(h, tensors)
         if r < 0.5:
             self.mutate_header(h)
             try:
-                return codec.encode(Message(h, tensors))
+                return encode(h, tensors)
             except (TypeError, ValueError, OverflowError):  # unpackable: send it raw
                 return [msgpack.packb(repr(h)[:1000])]
         if r < 0.75:
             return self.mutate_tensors(h, tensors)
-        return self.mutate_frames(codec.encode(Message(h, tensors)))
+        return self.mutate_frames(encode(h, tensors))
+
+
+def encode(h: dict[str, Any], tensors: dict[str, torch.Tensor]) -> list[Any]:
+    """A call as a call frame while its fields fit one, else (and every other message) as
+    msgpack."""
+    if h.get("m") == "call":
+        try:
+            req = protocol.CallRequest(*(h[k] for k in ("plan", "c", "s", "past", "last",
+                                                        "batch", "tokens")))
+            return protocol.encode_request(h["id"], req, tensors)
+        except (KeyError, TypeError, codec.ProtocolError):
+            pass
+    return codec.encode(Message(h, tensors))
 
 
 # --- checking replies ---------------------------------------------------------------------
@@ -271,6 +293,15 @@ def check_reply(request: list[Any], reply: list[Any]) -> str | None:
     """What is wrong with ``reply`` to ``request`` (``None``: nothing)."""
     from tsqp_core.gpu.server import _peek_id
 
+    want = _peek_id(request) if request else None
+    if reply and protocol.is_call_frame(reply[0]):
+        if not (request and protocol.is_call_frame(request[0])):
+            return "a call reply to a request that is not a call"
+        try:
+            protocol.CallReply.parse(reply, want)
+        except codec.ProtocolError as exc:
+            return f"call reply does not parse: {exc}"
+        return None
     try:
         msg = codec.decode(reply, copy=True)
     except codec.ProtocolError as exc:
@@ -278,7 +309,6 @@ def check_reply(request: list[Any], reply: list[Any]) -> str | None:
     h = msg.header
     if not isinstance(h.get("ok"), bool):
         return f"reply without ok: {h!r:.200}"
-    want = _peek_id(request) if request else None
     if want is not None and h.get("id") != want:
         return f"reply id {h.get('id')!r} to request {want}"
     if h["ok"] is False:
@@ -376,7 +406,9 @@ def campaign(messages: int, seed: int, target: str = "direct", timeout: float = 
                 if problem:
                     out.bad_replies.append(f"message {i}: {problem}")
                     continue
-                if codec.decode(reply).header["ok"]:
+                if protocol.is_call_frame(reply[0]):
+                    out.ok += 1
+                elif codec.decode(reply).header["ok"]:
                     out.ok += 1
                     hdr = _header(frames)
                     if hdr.get("m") == "hello" and isinstance(

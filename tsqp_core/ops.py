@@ -200,6 +200,12 @@ def merge_heads(x: torch.Tensor) -> torch.Tensor:
     return x.transpose(1, 2).reshape(b, t, h * d)
 
 
+class InputError(ValueError):
+    """A call's input values are outside what its op accepts (a token id beyond the
+    vocabulary): the caller's mistake, refused like a malformed request, not logged as a
+    server error."""
+
+
 def causal_mask(tokens: int, keys: int, device: torch.device) -> torch.Tensor:
     """True where query ``i`` (at position ``keys - tokens + i``) may attend to key ``j``."""
     past = keys - tokens
@@ -211,7 +217,7 @@ def causal_mask(tokens: int, keys: int, device: torch.device) -> torch.Tensor:
 def op_embed(ctx: OpContext, op: Op, ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
     w = ctx.weights["model.embed_tokens.weight"]
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= w.shape[0]):
-        raise ValueError(f"token id out of range [0, {w.shape[0]})")
+        raise InputError(f"token id out of range [0, {w.shape[0]})")
     return (F.embedding(ids.to(w.device), w),)
 
 

@@ -1,20 +1,26 @@
 """The wire protocol between the TEE side and the GPU side: one module both import.
 
-Every message is a codec message (:mod:`tsqp_core.codec`): a msgpack header plus named
-tensors. The header keys live here and nowhere else; each message is a small typed class that
-builds its header and parses one back, refusing anything malformed with
+Messages other than calls are codec messages (:mod:`tsqp_core.codec`): a msgpack header plus
+named tensors. The header keys live here and nowhere else; each message is a small typed class
+that builds its header and parses one back, refusing anything malformed with
 :class:`~tsqp_core.codec.ProtocolError`. Requests carry ``m`` (the method) and ``id``; every
 reply carries the request's ``id`` and ``ok``::
 
     hello  {v, fingerprint, executor, dtype, protection, plan, limits}
                                                             -> {plan_id, server, dims}
-    call   {plan, c, s, past, last} + wire inputs               -> {t} + wire outputs
     end    {s}                                                  -> {}
     ping   {}                                                   -> {}
-    (any)                                                       -> {ok: false, error}
+    (any, calls included)                                       -> {ok: false, error}
 
-``t`` is the server's own nanoseconds for the call: decoding and validating the request,
-running it (device synchronised), encoding the reply.
+**Calls** -- the hot path, many per token -- are *call frames*: a fixed binary header
+(:data:`CALL_REQUEST`: id, plan, call index, session, past, batch, tokens, last) followed by
+the raw bytes of the call's wire inputs, in the plan's order; the answer is a fixed header
+(:data:`CALL_REPLY`: id and the server's timings) followed by the wire outputs. Names, dtypes
+and shapes do not travel: the plan agreed at ``hello`` fixes them for the sizes the header
+gives (:class:`CallLayout`), so checking a call is checking each frame's byte count against
+them. A call header starts with :data:`CALL_TAG`, a byte msgpack never uses, so no msgpack
+header reads as one. The timings are the server's own nanoseconds for the call: decoding
+and validating the request, running it (device synchronised), encoding the reply.
 
 **The plan** is agreed once, at ``hello``: one entry per call of a forward, each the call's
 ops and its *wire layout* -- the tensors that cross, each as ``[name, dtype, shape]``. A
@@ -36,12 +42,13 @@ no more than :data:`PRE_HELLO_BYTES`.
 
 Without protection the layout is the values themselves (``3.x: float32 [B, T, 64]``); a
 protection scheme declares its own (residues, challenge vectors, ...) and both sides check
-every tensor of every call against it. After ``hello`` a call is just its index ``c``.
+every tensor of every call against it. After ``hello`` a call is just its index in the plan.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, NamedTuple, Sequence
 
@@ -51,7 +58,7 @@ from tsqp_core import codec
 from tsqp_core.codec import DTYPES, ProtocolError
 
 #: Bumped whenever a message changes shape.
-VERSION = 3
+VERSION = 4
 
 # --- header keys: the one place they are spelled ----------------------------------------------
 
@@ -144,56 +151,6 @@ def message_limit(wires: Sequence[CallWire], batch: int, positions: int, directi
 def sizes(batch: int, tokens: int, past: int, last: bool) -> dict[str, int]:
     """The values of the shape symbols for a call."""
     return {"B": batch, "T": tokens, "S": past + tokens, "L": 1 if last else tokens}
-
-
-def bind_sizes(templates: Sequence[WireTensor], shapes: Sequence[Sequence[int]], past: int,
-               last: bool) -> dict[str, int]:
-    """Read ``B`` and ``T`` off received tensors' shapes (``T`` also from ``S`` and, when not
-    ``last``, ``L``); every tensor must then match its template exactly. ``T`` no tensor
-    fixes (a call of tail values only) is 1."""
-    bound: dict[str, int] = {}
-    for tmpl, shape in zip(templates, shapes):
-        if len(shape) != len(tmpl.shape):
-            raise ProtocolError(f"tensor '{tmpl.name}' has {len(shape)} dims, expected "
-                                f"{len(tmpl.shape)}")
-        for sym, n in zip(tmpl.shape, shape):
-            if sym == "B" or sym == "T":
-                bound.setdefault(sym, n)
-            elif sym == "S":
-                bound.setdefault("T", n - past)
-            elif sym == "L" and not last:
-                bound.setdefault("T", n)
-    batch, tokens = bound.get("B", 1), bound.get("T", 1)
-    if batch < 1 or tokens < 1:
-        raise ProtocolError(f"a call needs at least one row (batch {batch}, tokens {tokens})")
-    want = sizes(batch, tokens, past, last)
-    for tmpl, shape in zip(templates, shapes):
-        if tuple(shape) != tmpl.resolve(want):
-            raise ProtocolError(f"tensor '{tmpl.name}' has shape {list(shape)}, expected "
-                                f"{list(tmpl.resolve(want))}")
-    return want
-
-
-def check_tensors(specs: Sequence[WireTensor], got: dict[str, torch.Tensor],
-                  dims: dict[str, int] | None, past: int = 0, last: bool = False
-                  ) -> dict[str, int]:
-    """``got`` holds exactly the tensors of ``specs``, in order, each of its declared dtype
-    and shape (``dims`` given: against those sizes; else sizes bound from the tensors)."""
-    if len(got) != len(specs) or any(a != s.name for a, s in zip(got, specs)):
-        raise ProtocolError(f"expected tensors {[s.name for s in specs]}, got {list(got)}")
-    tensors = list(got.values())
-    for spec, t in zip(specs, tensors):
-        if t.dtype != spec.torch_dtype:
-            raise ProtocolError(f"tensor '{spec.name}' is {codec.DTYPE_NAMES.get(t.dtype, t.dtype)},"
-                                f" expected {spec.dtype}")
-    if dims is None:
-        return bind_sizes(specs, [t.shape for t in tensors], past, last)
-    for spec, t in zip(specs, tensors):
-        want = spec.resolve(dims)
-        if t.shape != want:
-            raise ProtocolError(f"tensor '{spec.name}' has shape {list(t.shape)}, expected "
-                                f"{list(want)}")
-    return dims
 
 
 # --- messages ---------------------------------------------------------------------------------
@@ -296,11 +253,17 @@ class HelloReply:
     def header(self) -> dict[str, Any]:
         return {"plan_id": self.plan_id, "server": self.server, "dims": self.dims}
 
+    @property
+    def plan(self) -> int:
+        """The plan id as a call frame carries it."""
+        return int(self.plan_id, 16)
+
     @classmethod
     def parse(cls, h: dict[str, Any]) -> "HelloReply":
         plan_id = _field(h, "plan_id", str, "a string")
-        if not (0 < len(plan_id) <= 64 and plan_id.isascii() and plan_id.isprintable()):
-            raise ProtocolError("'plan_id' must be 1 to 64 printable ASCII characters")
+        if not (len(plan_id) == 16 and all(c in "0123456789abcdef" for c in plan_id)):
+            raise ProtocolError(f"'plan_id' must be 16 hex digits (a call names it in 8 bytes), "
+                                f"got {clean_text(plan_id, 40)!r}")
         server = clean_info(_field(h, "server", dict, "a map"))
         dims = _field(h, "dims", dict, "a map")
         if len(dims) > 16 or not all(isinstance(k, str) and isinstance(v, int)
@@ -336,54 +299,204 @@ def clean_info(value: Any, depth: int = 0) -> Any:
     raise ProtocolError(f"peer info holds a {type(value).__name__}")
 
 
-@dataclass(frozen=True)
-class CallRequest:
-    METHOD: ClassVar[str] = "call"
-    plan: str
-    call: int
-    session: int
-    past: int
-    last: bool
+# --- calls: fixed binary headers, then the wire tensors' bytes --------------------------------
 
-    def header(self) -> dict[str, Any]:
-        return {"plan": self.plan, "c": self.call, "s": self.session, "past": self.past,
-                "last": self.last}
-
-    @classmethod
-    def parse(cls, h: dict[str, Any]) -> "CallRequest":
-        last = h.get("last", False)
-        if not isinstance(last, bool):
-            raise ProtocolError("'last' must be true or false")
-        return cls(_field(h, "plan", str, "a string"), _int(h, "c"), _int(h, "s"),
-                   _int(h, "past"), last)
-
-
+#: The first byte of a call frame's header: 0xc1 is the one byte msgpack never uses, so a
+#: msgpack header (every other message, errors included) never reads as a call frame.
+CALL_TAG = 0xC1
+_KIND_REQUEST, _KIND_REPLY = 1, 2
+#: tag, kind, flags (bit 0: last), call index, id, plan, session, past, batch, tokens.
+CALL_REQUEST = struct.Struct("<BBBxIQQQIII")
+#: tag, kind, id, then the server's decode, compute and encode nanoseconds.
+CALL_REPLY = struct.Struct("<BBxxxxxxQQQQ")
+#: Where both headers keep the request id (so an error can answer a call it refused).
+_ID_AT = 8
 #: A call taking longer than this is not a timing, it is a lie (an hour, in ns).
 MAX_CALL_NS = 3600 * 10**9
 
 
-@dataclass(frozen=True)
-class CallReply:
+def _bytes(frame: Any) -> memoryview:
+    view = memoryview(frame)
+    return view if view.format == "B" and view.ndim == 1 else view.cast("B")
+
+
+def is_call_frame(frame: Any) -> bool:
+    """Whether ``frame`` (a message's first) is a call header rather than msgpack."""
+    view = _bytes(frame)
+    return view.nbytes > 0 and view[0] == CALL_TAG
+
+
+def call_frame_id(frame: Any) -> int | None:
+    """The request id a call header names, if it is long enough to name one."""
+    view = _bytes(frame)
+    if view.nbytes < _ID_AT + 8 or view[0] != CALL_TAG:
+        return None
+    return int.from_bytes(view[_ID_AT:_ID_AT + 8], "little")
+
+
+class CallRequest(NamedTuple):
+    """Run call ``call`` of plan ``plan`` for ``session``: ``batch`` rows of ``tokens`` new
+    positions after ``past`` cached ones; ``last``: the tail values of the last position
+    only. On the wire, :data:`CALL_REQUEST` then the wire inputs."""
+
+    plan: int
+    call: int
+    session: int
+    past: int
+    last: bool
+    batch: int = 1
+    tokens: int = 1
+
+    METHOD = "call"
+
+    def frame(self, req_id: int) -> bytes:
+        try:
+            return CALL_REQUEST.pack(CALL_TAG, _KIND_REQUEST, 1 if self.last else 0, self.call,
+                                     req_id, self.plan, self.session, self.past, self.batch,
+                                     self.tokens)
+        except struct.error as exc:
+            raise ProtocolError(f"call header out of range: {exc}") from None
+
+    @classmethod
+    def parse(cls, frame: Any) -> tuple[int, "CallRequest"]:
+        """The request id and the call of a call header; anything else is refused."""
+        view = memoryview(frame)
+        if view.nbytes != CALL_REQUEST.size:
+            raise ProtocolError(f"a call header has {CALL_REQUEST.size} bytes, got "
+                                f"{view.nbytes}")
+        (tag, kind, flags, call, req_id, plan, session, past, batch,
+         tokens) = CALL_REQUEST.unpack(view)
+        if tag != CALL_TAG or kind != _KIND_REQUEST:
+            raise ProtocolError("not a call request header")
+        if flags > 1:
+            raise ProtocolError(f"unknown call flags {flags:#x}")
+        if batch < 1 or tokens < 1:
+            raise ProtocolError(f"a call needs at least one row (batch {batch}, tokens "
+                                f"{tokens})")
+        return req_id, cls(plan, call, session, past, flags == 1, batch, tokens)
+
+
+class CallReply(NamedTuple):
+    """The server's nanoseconds for one call. On the wire, :data:`CALL_REPLY` then the wire
+    outputs."""
+
     decode_ns: int
     compute_ns: int
     encode_ns: int
 
-    def header(self) -> dict[str, Any]:
-        return {TIMINGS: [self.decode_ns, self.compute_ns, self.encode_ns]}
+    def frame(self, req_id: int) -> bytes:
+        return CALL_REPLY.pack(CALL_TAG, _KIND_REPLY, req_id, self.decode_ns, self.compute_ns,
+                               self.encode_ns)
 
     @classmethod
-    def parse(cls, h: dict[str, Any], round_trip_ns: int | None = None) -> "CallReply":
-        """``round_trip_ns``: what the client measured; the server's parts cannot add up to
-        more than that."""
-        t = h.get(TIMINGS)
-        if not (isinstance(t, list) and len(t) == 3 and all(
-                isinstance(x, int) and not isinstance(x, bool) and 0 <= x <= MAX_CALL_NS
-                for x in t)):
-            raise ProtocolError(f"bad timing field {t!r:.60}")
+    def parse(cls, frames: Sequence[Any], req_id: int,
+              round_trip_ns: int | None = None) -> "CallReply":
+        """The timings of a reply to call ``req_id``. An error reply (msgpack) raises
+        :class:`RemoteRefusal`; anything else that is not this call's reply header,
+        :class:`ProtocolError`. ``round_trip_ns``: what the client measured; the server's
+        parts cannot add up to more than that."""
+        if not frames:
+            raise ProtocolError("empty reply")
+        head = memoryview(frames[0])
+        if not is_call_frame(head):
+            check_reply(codec.decode(frames), req_id)  # an error raises; ok is still wrong
+            raise ProtocolError("a call's reply must be a call frame")
+        if head.nbytes != CALL_REPLY.size:
+            raise ProtocolError(f"a call reply header has {CALL_REPLY.size} bytes, got "
+                                f"{head.nbytes}")
+        tag, kind, got, *t = CALL_REPLY.unpack(head)
+        if kind != _KIND_REPLY:
+            raise ProtocolError("not a call reply header")
+        if got != req_id:
+            raise ProtocolError(f"reply id {got} does not match request {req_id}")
+        if not all(x <= MAX_CALL_NS for x in t):
+            raise ProtocolError(f"bad timings {t}")
         if round_trip_ns is not None and sum(t) > round_trip_ns:
             raise ProtocolError(f"the server claims {sum(t)} ns for a call that took "
                                 f"{round_trip_ns} ns end to end")
         return cls(*t)
+
+
+class Slot(NamedTuple):
+    """One wire tensor of a call of given sizes: where its frame's bytes go."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    nbytes: int
+
+
+class CallLayout:
+    """A call's wire layout made concrete for the sizes of a call: each tensor's name,
+    dtype, shape and byte count, in order -- worked out once per distinct sizes (only the
+    symbols the layout uses count), so that checking a call is comparing byte counts."""
+
+    __slots__ = ("wire", "_uses_s", "_cache")
+
+    #: Distinct sizes remembered (a long generation over ``S`` goes through many).
+    MAX_CACHED = 256
+
+    def __init__(self, wire: CallWire) -> None:
+        self.wire = wire
+        self._uses_s = any("S" in t.shape for t in (*wire.inputs, *wire.outputs))
+        self._cache: dict[tuple[int, int, int, bool], tuple[tuple[Slot, ...],
+                                                             tuple[Slot, ...]]] = {}
+
+    def slots(self, batch: int, tokens: int, past: int, last: bool
+              ) -> tuple[tuple[Slot, ...], tuple[Slot, ...]]:
+        """The inputs' and the outputs' slots of a call of these sizes."""
+        key = (batch, tokens, past if self._uses_s else 0, last)
+        hit = self._cache.get(key)
+        if hit is None:
+            if len(self._cache) >= self.MAX_CACHED:
+                self._cache.clear()
+            want = sizes(batch, tokens, past, last)
+            hit = self._cache[key] = (_slots(self.wire.inputs, want),
+                                      _slots(self.wire.outputs, want))
+        return hit
+
+
+def _slots(specs: Sequence[WireTensor], want: dict[str, int]) -> tuple[Slot, ...]:
+    out = []
+    for spec in specs:
+        shape = spec.resolve(want)
+        dtype = spec.torch_dtype
+        out.append(Slot(spec.name, dtype, shape, math.prod(shape) * dtype.itemsize))
+    return tuple(out)
+
+
+def read_tensors(slots: Sequence[Slot], frames: Sequence[Any], *, copy: bool
+                 ) -> dict[str, torch.Tensor]:
+    """The tensors of ``frames`` (a call's frames after its header), one per slot: each
+    frame must hold exactly its slot's bytes. ``copy``: the tensors own their memory (else
+    they are views of the frames)."""
+    if len(frames) != len(slots):
+        raise ProtocolError(f"expected {len(slots)} tensors {[s.name for s in slots]}, got "
+                            f"{len(frames)} frames")
+    make = codec.owned if copy else codec.over
+    out = {}
+    for slot, frame in zip(slots, frames):
+        view = memoryview(frame)
+        if view.nbytes != slot.nbytes:
+            raise ProtocolError(f"tensor '{slot.name}': {list(slot.shape)} "
+                                f"{codec.DTYPE_NAMES[slot.dtype]} needs {slot.nbytes} bytes, "
+                                f"frame has {view.nbytes}")
+        out[slot.name] = make(view, slot.dtype, slot.shape) if slot.nbytes else torch.empty(
+            slot.shape, dtype=slot.dtype)
+    return out
+
+
+def check_slots(slots: Sequence[Slot], tensors: dict[str, torch.Tensor], who: str) -> None:
+    """``tensors`` are exactly ``slots``' names, in order, of their dtypes and shapes: what
+    this side is about to send (a bug in ``who`` otherwise, said before anything leaves)."""
+    if len(tensors) != len(slots) or any(a != s.name for a, s in zip(tensors, slots)):
+        raise ProtocolError(f"{who} made tensors {list(tensors)}, the plan says "
+                            f"{[s.name for s in slots]}")
+    for slot, t in zip(slots, tensors.values()):
+        if t.dtype != slot.dtype or t.shape != slot.shape:
+            raise ProtocolError(f"{who} made '{slot.name}' {list(t.shape)} "
+                                f"{codec.DTYPE_NAMES.get(t.dtype, t.dtype)}, the plan says "
+                                f"{list(slot.shape)} {codec.DTYPE_NAMES[slot.dtype]}")
 
 
 @dataclass(frozen=True)
@@ -411,16 +524,19 @@ class Ping:
         return cls()
 
 
-REQUESTS: dict[str, type] = {m.METHOD: m for m in (Hello, CallRequest, End, Ping)}
+#: The messages sent as msgpack (a call is a call frame).
+REQUESTS: dict[str, type] = {m.METHOD: m for m in (Hello, End, Ping)}
 
 
 @dataclass
 class Request:
-    """A decoded request: its id, its message and its tensors."""
+    """A decoded request: its id, its message and its tensors -- for a call, its frames
+    after the header, which only the plan can read (:func:`read_tensors`)."""
 
     id: int
     message: Any
     tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    frames: Sequence[Any] = ()
 
 
 def request_header(req_id: int, message: Any) -> dict[str, Any]:
@@ -433,6 +549,11 @@ def request_header(req_id: int, message: Any) -> dict[str, Any]:
 
 def encode_request(req_id: int, message: Any,
                    tensors: dict[str, torch.Tensor] | None = None) -> list[Any]:
+    """The frames of a request; a :class:`CallRequest`'s are a call frame, its tensors'
+    bytes in the order given (the plan's)."""
+    if isinstance(message, CallRequest):
+        return [message.frame(req_id),
+                *(codec.tensor_buffer(t) for t in (tensors or {}).values())]
     return codec.pack(request_header(req_id, message), *codec.encode_tensors(tensors or {}))
 
 
@@ -443,6 +564,11 @@ def request_id(header: dict[str, Any]) -> int | None:
 
 
 def decode_request(frames: Sequence[Any]) -> Request:
+    if not frames:
+        raise ProtocolError("empty message")
+    if is_call_frame(frames[0]):
+        req_id, call = CallRequest.parse(frames[0])
+        return Request(req_id, call, frames=frames[1:])
     msg = codec.decode(frames)
     rid = request_id(msg.header)
     if rid is None:
@@ -457,6 +583,10 @@ def decode_request(frames: Sequence[Any]) -> Request:
 def encode_reply(req_id: int, header: dict[str, Any] | None = None,
                  specs: list | None = None, buffers: list | None = None) -> list[Any]:
     return codec.pack({**(header or {}), ID: req_id, OK: True}, specs or [], buffers or [])
+
+
+def encode_call_reply(req_id: int, timings: CallReply, buffers: Sequence[Any]) -> list[Any]:
+    return [timings.frame(req_id), *buffers]
 
 
 def encode_error(req_id: int | None, message: str) -> list[Any]:

@@ -41,18 +41,20 @@ class ViewRecorder:
     def __call__(self, request: list[Any], reply: list[Any]) -> None:
         try:
             req = protocol.decode_request(request)
-            answer = codec.decode(reply, copy=True)
-        except ProtocolError:
+            msg = req.message
+            if isinstance(msg, CallRequest):
+                if self.hello is None or not protocol.is_call_frame(reply[0]):
+                    return  # refused: nothing was computed
+                inputs, outputs = protocol.CallLayout(self.hello.plan[msg.call].wire).slots(
+                    msg.batch, msg.tokens, msg.past, msg.last)
+                self.calls.append(Exchange(
+                    msg.call, msg.session, msg.past, msg.last, self.hello.plan[msg.call].ops,
+                    protocol.read_tensors(inputs, req.frames, copy=True),
+                    protocol.read_tensors(outputs, reply[1:], copy=True)))
+            elif isinstance(msg, Hello) and codec.decode(reply).header.get(protocol.OK):
+                self.hello = msg
+        except (ProtocolError, IndexError):
             return  # a refused request: nothing was computed
-        if answer.header.get(protocol.OK) is not True:
-            return
-        msg = req.message
-        if isinstance(msg, Hello):
-            self.hello = msg
-        elif isinstance(msg, CallRequest) and self.hello is not None:
-            self.calls.append(Exchange(
-                msg.call, msg.session, msg.past, msg.last, self.hello.plan[msg.call].ops,
-                {k: v.clone() for k, v in req.tensors.items()}, dict(answer.tensors)))
 
     def sent(self, name: str) -> list[torch.Tensor]:
         """Every tensor named ``name`` that reached the GPU side, in order."""

@@ -51,6 +51,7 @@ from tsqp_core.gpu.tamper import Tamper
 from tsqp_core.graph import STATEFUL, Op, forward_ops
 from tsqp_core.metrics import now_ns
 from tsqp_core.models.source import Checkpoint, fingerprint
+from tsqp_core.ops import InputError
 from tsqp_core.plugins import PluginError
 from tsqp_core.protocol import CallRequest, End, Hello, HelloReply, Ping
 from tsqp_core.schedule import Call
@@ -82,8 +83,11 @@ class _Plan:
     #: Per call, the caches its ops read and append to: ``(layer, "k" | "v")`` (worked
     #: out once here, not per call).
     stateful: list[tuple[tuple[int, str], ...]] = field(default_factory=list)
+    #: Per call, its wire layout made concrete per call sizes (what a call's frames hold).
+    layouts: list[protocol.CallLayout] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        self.layouts = [protocol.CallLayout(call.wire) for call in self.calls]
         self.stateful = [tuple((op.layer, "k" if op.kind == "attn_scores" else "v")
                                for op in call.ops if op.kind in STATEFUL)
                          for call in self.calls]
@@ -94,12 +98,19 @@ class _Client:
     """What one connection holds on the GPU side."""
 
     peer: Peer
-    plans: OrderedDict[str, _Plan] = field(default_factory=OrderedDict)
+    #: By plan id (as a call frame names it).
+    plans: OrderedDict[int, _Plan] = field(default_factory=OrderedDict)
     sessions: OrderedDict[int, Any] = field(default_factory=OrderedDict)
     last_seen: float = field(default_factory=time.monotonic)
+    #: The largest request it may send: the largest call of its plans (kept by
+    #: :meth:`plans_changed`, read on every request).
+    limit: int = protocol.PRE_HELLO_BYTES
+
+    def plans_changed(self) -> None:
+        self.limit = max([protocol.PRE_HELLO_BYTES, *(p.max_request for p in self.plans.values())])
 
     def max_request(self) -> int:
-        return max([protocol.PRE_HELLO_BYTES, *(p.max_request for p in self.plans.values())])
+        return self.limit
 
 
 class GpuServer:
@@ -175,7 +186,7 @@ class GpuServer:
             t0 = now_ns()
             client = self._clients.get(peer)
             size = sum(memoryview(f).nbytes for f in frames)
-            limit = client.max_request() if client else protocol.PRE_HELLO_BYTES
+            limit = client.limit if client else protocol.PRE_HELLO_BYTES
             if size > limit:
                 req_id = _peek_id(frames)
                 raise RequestError(
@@ -193,7 +204,7 @@ class GpuServer:
             if isinstance(msg, CallRequest):
                 if client is None:
                     raise RequestError("unknown plan: send hello first")
-                return self._call(client, req_id, msg, req.tensors, now_ns() - t0, reserve)
+                return self._call(client, req_id, msg, req.frames, now_ns() - t0, reserve)
             if isinstance(msg, Hello):
                 header = self._hello(peer, msg).header()
                 if self.tamper is not None:
@@ -205,7 +216,7 @@ class GpuServer:
             elif not isinstance(msg, Ping):  # pragma: no cover - REQUESTS lists them all
                 raise ProtocolError(f"unhandled message {type(msg).__name__}")
             return protocol.encode_reply(req_id)
-        except (ProtocolError, RequestError, PluginError) as exc:
+        except (ProtocolError, RequestError, PluginError, InputError) as exc:
             return protocol.encode_error(req_id, str(exc))
         except Exception as exc:  # a bug or a device error: report it, keep serving
             self._log(protocol.clean_text(f"error in request {req_id}: {exc!r}", 500))
@@ -277,10 +288,12 @@ class GpuServer:
                                  ).hexdigest()[:16]
         max_request = protocol.message_limit([c.wire for c in calls], h.batch, h.positions,
                                              "request")
-        client.plans[plan_id] = _Plan(calls, backend, h.batch, h.positions, max_request)
-        client.plans.move_to_end(plan_id)
+        number = int(plan_id, 16)
+        client.plans[number] = _Plan(calls, backend, h.batch, h.positions, max_request)
+        client.plans.move_to_end(number)
         while len(client.plans) > MAX_PLANS:  # only ever its own
             client.plans.popitem(last=False)
+        client.plans_changed()
         backend.prepare(calls)  # before info(): a compiling backend reports its compile time
         return HelloReply(plan_id, self.info(kinds, h.protection), self.dims.__dict__)
 
@@ -334,21 +347,22 @@ class GpuServer:
 
     # --- call -------------------------------------------------------------------------------
 
-    def _call(self, client: _Client, req_id: int, req: CallRequest,
-              tensors: dict[str, torch.Tensor], t_decode: int,
-              reserve: Reserve | None = None) -> list[Any]:
+    def _call(self, client: _Client, req_id: int, req: CallRequest, frames: Any,
+              t_decode: int, reserve: Reserve | None = None) -> list[Any]:
         t_checks = now_ns()
         plan = client.plans.get(req.plan)
         if plan is None:
             raise RequestError("unknown plan: send hello first")
         if req.call >= len(plan.calls):
             raise RequestError(f"call index {req.call} out of range")
-        call = plan.calls[req.call]
-        sizes = protocol.check_tensors(call.wire.inputs, tensors, None, req.past, req.last)
-        if sizes["S"] > plan.positions or sizes["B"] > plan.batch:
-            raise RequestError(f"a call of batch {sizes['B']} over {sizes['S']} positions is "
-                               f"beyond what the hello declared ({plan.batch}, "
+        if req.past + req.tokens > plan.positions or req.batch > plan.batch:
+            raise RequestError(f"a call of batch {req.batch} over {req.past + req.tokens} "
+                               f"positions is beyond what the hello declared ({plan.batch}, "
                                f"{plan.positions})")
+        call = plan.calls[req.call]
+        inputs, outputs = plan.layouts[req.call].slots(req.batch, req.tokens, req.past,
+                                                       req.last)
+        env = protocol.read_tensors(inputs, frames, copy=False)  # the backend may add to it
         session = req.session
         cache = self._session(client, session, plan.backend)
         for layer, which in plan.stateful[req.call]:
@@ -357,7 +371,6 @@ class GpuServer:
                 client.sessions.pop(session, None)
                 raise RequestError(f"layer {layer} cache holds {have} positions, call says "
                                    f"past={req.past}; session {session} reset")
-        env = tensors  # decoded for this request alone: the backend may add to it
         t0 = now_ns()
         t_decode += t0 - t_checks  # validating a request is part of reading it
         try:
@@ -368,28 +381,30 @@ class GpuServer:
             raise
         t_compute = now_ns() - t0
         t0 = now_ns()
-        out = {t.name: env[t.name] for t in call.wire.outputs}
+        out = {slot.name: env[slot.name] for slot in outputs}
+        try:
+            protocol.check_slots(outputs, out, f"executor {self.executor_name}")
+        except ProtocolError as exc:
+            client.sessions.pop(session, None)
+            raise RequestError(str(exc)) from None
         lie = self.tamper is not None and self.tamper.chosen(call.index)
         if lie:
             text = self.tamper.before_reply()
             if text is not None:  # raw, as a hostile server would send it
                 return codec.pack({protocol.ID: req_id, protocol.OK: False,
                                    protocol.ERROR: text}, [], [])
-        specs, buffers = self._place(out, reserve)
-        t_encode = now_ns() - t0
-        header = protocol.CallReply(t_decode, t_compute, t_encode).header()
+        buffers = self._place(out, reserve)
+        timings = protocol.CallReply(t_decode, t_compute, now_ns() - t0)
         if lie:
-            self.tamper.reply(header, out)
-            specs, buffers = self._place(out, reserve)
-        return protocol.encode_reply(req_id, header, specs, buffers)
+            timings = self.tamper.reply(timings, out)
+            buffers = self._place(out, reserve)
+        return protocol.encode_call_reply(req_id, timings, buffers)
 
-    def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None
-               ) -> tuple[list[list], list[Any]]:
-        """The reply's tensor descriptors and frames. Where the channel lends its own memory
-        (``reserve``), each output is copied once, straight into it -- on a device, the one
-        device-to-host copy; else the frames are the tensors' own memory (copied where they
-        are not contiguous host memory, and by the transport as it sends them)."""
-        specs = codec.describe(out)
+    def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None) -> list[Any]:
+        """The reply's tensor frames. Where the channel lends its own memory (``reserve``),
+        each output is copied once, straight into it -- on a device, the one device-to-host
+        copy; else the frames are the tensors' own memory (copied where they are not
+        contiguous host memory, and by the transport as it sends them)."""
         if reserve is not None:
             try:
                 buffers = reserve([t.numel() * t.element_size() for t in out.values()])
@@ -399,10 +414,10 @@ class GpuServer:
                 for t, buf in zip(out.values(), buffers):
                     codec.place(t, buf)
                     self.copied_bytes += t.numel() * t.element_size()
-                return specs, buffers
+                return buffers
         self.copied_bytes += sum(t.numel() * t.element_size() for t in out.values()
                                  if not (t.is_cpu and t.is_contiguous()))
-        return specs, [codec.tensor_buffer(t) for t in out.values()]
+        return [codec.tensor_buffer(t) for t in out.values()]
 
     def _session(self, client: _Client, session: int, backend: Backend) -> Any:
         cache = client.sessions.get(session)
@@ -418,6 +433,8 @@ class GpuServer:
 
 def _peek_id(frames: list[Any]) -> int | None:
     """The id of a request the codec refused, if its header says one (the error answers it)."""
+    if frames and protocol.is_call_frame(frames[0]):
+        return protocol.call_frame_id(frames[0])
     try:
         header = msgpack.unpackb(frames[0], raw=False, max_bin_len=0, max_ext_len=0)
     except Exception:

@@ -99,14 +99,15 @@ class Tamper(BaseModel):
             return ERROR_TEXT
         return None
 
-    def reply(self, header: dict[str, Any], out: dict[str, torch.Tensor]) -> None:
-        """Lie in a chosen call's reply: its header and its tensors, in place."""
+    def reply(self, timings: Any, out: dict[str, torch.Tensor]) -> Any:
+        """Lie in a chosen call's reply: the timings returned, the tensors in place."""
         if self.what == "timing":
-            header["t"] = [0, 10**15, 0]
-        elif self.what == "oversize":
+            return timings._replace(compute_ns=10**15)
+        if self.what == "oversize":
             out["padding"] = torch.zeros(16 << 20, dtype=torch.uint8)
         elif self.what in TENSOR_LIES:
             self._tensor(out)
+        return timings
 
     def _tensor(self, out: dict[str, torch.Tensor]) -> None:
         """Corrupt ``out``'s first tensor (a copy replaces it)."""

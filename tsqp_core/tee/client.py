@@ -4,9 +4,11 @@ Every reply is hostile input until checked: its size must be within what the pla
 (before it is decoded or copied), its id must answer the request, an error reply's text is
 cleaned before anyone prints it, its timings must be plausible (no part negative or longer
 than the round trip the client measured), its hello must say all it must (plan id, the
-model's dimensions; every string cleaned) and its tensors must be exactly the ones the plan's
-wire layout declares -- names, order, dtypes, shapes. What the values are is checked after
-the protection scheme opens them (:mod:`tsqp_core.tee.validate`).
+model's dimensions; every string cleaned) and a call's reply must be a call frame holding
+exactly the bytes of the tensors the plan's wire layout declares for the call's sizes
+(:class:`~tsqp_core.protocol.CallLayout`: names, dtypes and shapes are the plan's, never the
+peer's). What the values are is checked after the protection scheme opens them
+(:mod:`tsqp_core.tee.validate`).
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ import torch
 from tsqp_core import codec, protocol
 from tsqp_core.codec import ProtocolError
 from tsqp_core.metrics import Meter, now_ns
-from tsqp_core.protocol import CallReply, CallRequest, End, Hello, HelloReply, Ping, RemoteRefusal
+from tsqp_core.protocol import (CallReply, CallRequest, End, Hello, HelloReply, Ping,
+                                RemoteRefusal, Slot)
 from tsqp_core.transport import ClientChannel
 
 
@@ -39,6 +42,9 @@ class RemoteGpu:
         self.timeout = timeout
         self._ids = itertools.count(1)
         self.plan_id: str | None = None
+        #: The plan id as a call frame names it, and each call's layout.
+        self.plan: int | None = None
+        self.layouts: list[protocol.CallLayout] = []
         self.server: dict[str, Any] = {}
         #: The largest reply accepted: a hello reply is a header; after it, the plan's
         #: largest call (:func:`protocol.message_limit`).
@@ -51,20 +57,12 @@ class RemoteGpu:
         #: peer can still write there). The transport's own copies are its count.
         self.copied_bytes = 0
 
-    def _exchange(self, message: Any, tensors: dict[str, torch.Tensor] | None = None,
-                  timeout: float | None = None) -> tuple[codec.Message, list[Any], int, int, int]:
-        """Send one request; return the checked reply, the sent frames, and the nanoseconds
-        spent encoding, in the round trip and decoding."""
+    def _exchange(self, message: Any, timeout: float | None = None) -> codec.Message:
+        """Send one request (not a call); return the checked reply."""
         req_id = next(self._ids)
-        t0 = now_ns()
-        frames = self._encode(req_id, message, tensors)
-        t1 = now_ns()
+        frames = protocol.encode_request(req_id, message)
         reply_frames = self.channel.request(frames, self.timeout if timeout is None else timeout)
-        t2 = now_ns()
-        size = sum(memoryview(f).nbytes for f in reply_frames)
-        if size > self.max_reply:
-            raise RemoteError(f"the GPU side's reply to {message.METHOD} has {size} bytes, more "
-                              f"than the {self.max_reply} the plan allows; not read")
+        self._check_size(reply_frames, message.METHOD)
         try:
             reply = codec.decode(reply_frames, copy=self.borrowed)
             protocol.check_reply(reply, req_id)
@@ -73,34 +71,43 @@ class RemoteGpu:
         except ProtocolError as exc:
             raise RemoteError(f"malformed reply from the GPU side to {message.METHOD}: "
                               f"{exc}") from None
-        return reply, frames, t1 - t0, t2 - t1, now_ns() - t2
+        return reply
 
-    def _encode(self, req_id: int, message: Any,
-                tensors: dict[str, torch.Tensor] | None) -> list[Any]:
-        """The request's frames; where the channel lends its memory, each tensor is copied
-        once, straight into it (whatever its strides), and the channel copies only the
-        header."""
+    def _check_size(self, frames: list[Any], method: str) -> None:
+        size = sum(memoryview(f).nbytes for f in frames)
+        if size > self.max_reply:
+            raise RemoteError(f"the GPU side's reply to {method} has {size} bytes, more "
+                              f"than the {self.max_reply} the plan allows; not read")
+
+    def _call_frames(self, req_id: int, request: CallRequest, slots: tuple[Slot, ...],
+                     tensors: dict[str, torch.Tensor], method: str) -> list[Any]:
+        """A call's frames. Where the channel lends its memory, each tensor is copied once,
+        straight into it (whatever its strides), and the channel copies only the header."""
+        try:
+            protocol.check_slots(slots, tensors, "the protection scheme")
+            head = request.frame(req_id)
+        except ProtocolError as exc:
+            raise RemoteError(f"call {method}: {exc}") from None
         if tensors:
-            buffers = self.channel.reserve([t.numel() * t.element_size()
-                                            for t in tensors.values()])
+            buffers = self.channel.reserve([slot.nbytes for slot in slots])
             if buffers is not None:
                 for t, buf in zip(tensors.values(), buffers):
                     codec.place(t, buf)
-                    self.copied_bytes += t.numel() * t.element_size()
-                return codec.pack(protocol.request_header(req_id, message),
-                                  codec.describe(tensors), buffers)
+                self.copied_bytes += sum(slot.nbytes for slot in slots)
+                return [head, *buffers]
             self.copied_bytes += sum(t.numel() * t.element_size() for t in tensors.values()
                                      if not (t.is_cpu and t.is_contiguous()))
-        return protocol.encode_request(req_id, message, tensors)
+        return [head, *(codec.tensor_buffer(t) for t in tensors.values())]
 
     def hello(self, hello: Hello, timeout: float | None = None) -> HelloReply:
         self._hello, self._hello_timeout = hello, timeout
-        reply, *_ = self._exchange(hello, timeout=timeout)
+        reply = self._exchange(hello, timeout=timeout)
         try:
             parsed = HelloReply.parse(reply.header)
         except ProtocolError as exc:
             raise RemoteError(f"malformed hello reply from the GPU side: {exc}") from None
-        self.plan_id = parsed.plan_id
+        self.plan_id, self.plan = parsed.plan_id, parsed.plan
+        self.layouts = [protocol.CallLayout(e.wire) for e in hello.plan]
         self.server = parsed.server
         self.max_reply = max(protocol.PRE_HELLO_BYTES, protocol.message_limit(
             [e.wire for e in hello.plan], hello.batch, hello.positions, "reply"))
@@ -118,36 +125,44 @@ class RemoteGpu:
                    self._hello_timeout)
 
     def ping(self, timeout: float | None = None) -> None:
-        self._exchange(Ping(), timeout=timeout)
+        self._exchange(Ping(), timeout)
 
     def end(self, session: int, timeout: float | None = None) -> None:
-        self._exchange(End(session), timeout=timeout)
+        self._exchange(End(session), timeout)
 
     def call(self, site: Any, tensors: dict[str, torch.Tensor], meter: Meter
              ) -> dict[str, torch.Tensor]:
         """Run ``site.call`` with wire inputs ``tensors``; the wire outputs, checked against
-        ``site.wire.outputs``."""
-        if self.plan_id is None:
+        the plan's layout for the call's sizes."""
+        if self.plan is None:
             raise RemoteError("call before hello")
         call = site.call
-        reply, frames, t_enc, t_rtt, t_dec = self._exchange(
-            CallRequest(self.plan_id, call.index, site.session, site.past, site.last_only),
-            tensors)
-        t_check = now_ns()
+        inputs, outputs = self.layouts[call.index].slots(site.batch, site.tokens, site.past,
+                                                         site.last_only)
+        req_id = next(self._ids)
+        t0 = now_ns()
+        frames = self._call_frames(req_id, CallRequest(
+            self.plan, call.index, site.session, site.past, site.last_only, site.batch,
+            site.tokens), inputs, tensors, call.method)
+        t1 = now_ns()
+        reply = self.channel.request(frames, self.timeout)
+        t2 = now_ns()
+        self._check_size(reply, call.method)
         try:
-            timings = CallReply.parse(reply.header, t_rtt)
-            protocol.check_tensors(site.wire.outputs, reply.tensors, site.sizes)
+            timings = CallReply.parse(reply, req_id, t2 - t1)
+            out = protocol.read_tensors(outputs, reply[1:], copy=self.borrowed)
+        except RemoteRefusal as exc:
+            raise RemoteError(f"GPU side refused {call.method}: {exc}") from None
         except ProtocolError as exc:
             raise RemoteError(f"call {call.method}: {exc}") from None
-        t_done = now_ns()
+        t3 = now_ns()
         server_ns = timings.decode_ns + timings.compute_ns + timings.encode_ns
-        meter.add("serialize", t_enc + t_dec + (t_done - t_check) + timings.decode_ns
-                  + timings.encode_ns)
+        meter.add("serialize", t1 - t0 + t3 - t2 + timings.decode_ns + timings.encode_ns)
         meter.add("gpu_compute", timings.compute_ns)
-        meter.add("transport", t_rtt - server_ns)
-        sent = sum(memoryview(f).nbytes for f in frames[1:])
-        received = sum(t.numel() * t.element_size() for t in reply.tensors.values())
+        meter.add("transport", t2 - t1 - server_ns)
+        sent = sum(slot.nbytes for slot in inputs)
+        received = sum(slot.nbytes for slot in outputs)
         if self.borrowed:
             self.copied_bytes += received
-        meter.record_call(call.method, sent, received, t_enc + t_rtt + t_dec + t_done - t_check)
-        return reply.tensors
+        meter.record_call(call.method, sent, received, t3 - t0)
+        return out
