@@ -329,6 +329,23 @@ def test_auto_spin_follows_the_thread_budget(tee, gpu, cores, busy, want):
     assert chosen.options.spin_us == 70  # a value the user set is theirs
 
 
+def test_busy_cores_counts_a_process_that_computes_now():
+    """What the budget calls busy: a spinning process counts while it runs (the load
+    average it leaves behind afterwards does not decide anything)."""
+    import subprocess
+    import sys
+
+    from tsqp_core.run.prepare import busy_cores
+
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)
+        assert busy_cores() >= 1
+    finally:
+        spinner.kill()
+        spinner.wait()
+
+
 def test_a_run_records_the_spin_it_chose(tmp_path):
     from conftest import run_config
 

@@ -155,7 +155,8 @@ class ThreadBudget(NamedTuple):
     tee: int
     gpu: int
     cores: int
-    #: Cores already kept busy by other work (the load average, rounded down).
+    #: Cores other work keeps busy now (runnable tasks besides this one; see
+    #: ``tsqp_core.run.prepare.busy_cores``).
     busy: int = 0
 
     @property

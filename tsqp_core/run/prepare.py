@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -103,11 +104,34 @@ def prepare(cfg: RunConfig) -> Prepared:
 
 def thread_budget(tee: int, gpu: int) -> ThreadBudget:
     """The run's threads against this machine's cores and what other work keeps busy now."""
+    return ThreadBudget(tee, gpu, usable_cores(), busy_cores())
+
+
+def busy_cores(looks: int = 10, every_s: float = 0.01) -> int:
+    """Cores other work keeps busy now: the fewest runnable tasks besides this one seen in
+    ``looks`` reads of ``procs_running`` (``/proc/stat``), ``every_s`` apart -- the fewest,
+    so that a task that merely wakes up briefly does not count. Not the load average: that
+    still counts, for a minute, the runs that just ended (a sweep's previous jobs). Where
+    there is no ``/proc/stat``, the load average rounded down."""
     try:
-        busy = int(os.getloadavg()[0])
+        least = None
+        for i in range(looks):
+            if i:
+                time.sleep(every_s)
+            with open("/proc/stat", "rb") as fh:
+                for line in fh:
+                    if line.startswith(b"procs_running "):
+                        running = int(line.split()[1])
+                        least = running if least is None else min(least, running)
+                        break
+        if least is not None:
+            return max(0, least - 1)
+    except (OSError, ValueError):
+        pass
+    try:
+        return int(os.getloadavg()[0])
     except OSError:
-        busy = 0
-    return ThreadBudget(tee, gpu, usable_cores(), busy)
+        return 0
 
 
 def usable_cores() -> int:

@@ -162,8 +162,8 @@ class ShmOptions(PluginOptions):
     #: an idle vCPU) costs tens of microseconds, more than a small round trip itself; a
     #: short spin catches the replies and requests that follow quickly. 0 never spins.
     #: ``null`` (auto): :data:`SPIN_US` when the run's two sides have a core each for every
-    #: thread (``threads.tee + threads.gpu`` <= cores, less those the load average says other
-    #: work keeps busy), else 0 -- a waiter spinning on a
+    #: thread (``threads.tee + threads.gpu`` <= cores, less those other work keeps busy
+    #: now), else 0 -- a waiter spinning on a
     #: core its peer needs delays the very reply it waits for. A side used without a run
     #: (``fit`` never called) spins :data:`SPIN_US`.
     spin_us: int | None = Field(None, ge=0, le=10_000)
