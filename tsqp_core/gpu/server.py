@@ -413,7 +413,7 @@ class GpuServer:
             if buffers is not None:
                 for t, buf in zip(out.values(), buffers):
                     codec.place(t, buf)
-                    self.copied_bytes += t.numel() * t.element_size()
+                self.copied_bytes += sum(memoryview(b).nbytes for b in buffers)
                 return buffers
         self.copied_bytes += sum(t.numel() * t.element_size() for t in out.values()
                                  if not (t.is_cpu and t.is_contiguous()))

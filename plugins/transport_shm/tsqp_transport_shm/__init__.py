@@ -321,6 +321,9 @@ class _Region:
         #: Bytes ``write`` copied into the arena (headers included): the copy-count tests.
         self.copied = 0
         self._reserved_views: tuple[list[memoryview], list[tuple[int, int]], int] | None = None
+        #: The sizes of the last ``reserve`` and what it handed out (reused for equal sizes).
+        self._layout: tuple[tuple[int, ...], tuple[list[memoryview], list[tuple[int, int]],
+                                                   int]] | None = None
 
     def _reserve(self, used: int) -> None:
         want = min(self.arena, -(-used // RESERVE_STEP) * RESERVE_STEP)
@@ -346,7 +349,13 @@ class _Region:
     def reserve(self, sizes: list[int]) -> list[memoryview]:
         """Writable views of the arena for the tensor frames of the next message (frames 1..n
         of ``write``; the header, written last, goes after them). Valid until the next
-        ``write`` or ``reserve``."""
+        ``write`` or ``reserve``. The layout for the sizes of the last call is kept: a decode
+        step asks for the same sizes every time."""
+        key = tuple(sizes)
+        last = self._layout
+        if last is not None and last[0] == key:
+            self._reserved_views = last[1]
+            return last[1][0]
         n = len(sizes) + 1
         if n > MAX_FRAMES:
             raise MessageTooLarge(f"{n} frames; the shm transport carries at most {MAX_FRAMES}")
@@ -357,28 +366,29 @@ class _Region:
         self._fit(at)
         views = [self.view[CTRL_BYTES + a:CTRL_BYTES + a + size] for a, size in spans]
         self._reserved_views = (views, spans, at)
+        self._layout = (key, self._reserved_views)
         return views
 
     def write(self, seq: int, frames: Frames) -> None:
         """Copy ``frames`` into the arena, then the table, then the control block. Frames
         that are the views :meth:`reserve` handed out are already in place: not copied."""
-        views = [_flat(f) for f in frames]
-        n = len(views)
+        n = len(frames)
         if n > MAX_FRAMES:
             raise MessageTooLarge(f"{n} frames; the shm transport carries at most {MAX_FRAMES}")
         reserved, self._reserved_views = self._reserved_views, None
-        offsets = []
         if reserved is not None and n == len(reserved[0]) + 1 and all(
                 f is r for f, r in zip(frames[1:], reserved[0])):
             _, spans, end = reserved  # the tensors are in place; the header goes last
-            header = views[0]
-            offsets += [end, header.nbytes]
+            header = _flat(frames[0])
+            offsets = [end, header.nbytes]
             for at, size in spans:
                 offsets += [at, size]
             views = [header]
             end = _align(end + header.nbytes)
             starts = [offsets[0]]
         else:
+            views = [_flat(f) for f in frames]
+            offsets = []
             end = _align(16 * n)
             for v in views:
                 offsets.append(end)
@@ -417,6 +427,7 @@ class _Region:
         return frames
 
     def close(self) -> None:
+        self._layout = self._reserved_views = None  # our own views go first
         self.view.release()
         try:
             self.map.close()
