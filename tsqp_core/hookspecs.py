@@ -36,7 +36,7 @@ How a call crosses, end to end (the seam every family plugs into)::
       Call    -> CallSite(call, wire, session, forward, past, batch, tokens, last_only)
                  Protection.seal(site, values)  -> wire tensors   [breakdown: protect]
                  RemoteGpu.call: protocol.CallRequest + tensors   [serialize, transport]
-                   -- transport (codec frames) -->               GpuServer: check the
+                   -- transport (a call frame) -->               GpuServer: check the
                                                                   tensors against the plan's
                                                                   wire layout, run
                                                                   Protection.gpu_backend(
