@@ -588,6 +588,27 @@ def test_a_tee_op_delay_lands_in_tee_compute(run_tiny, monkeypatch):
     assert parts["transport"] < 0.25 * known, parts
 
 
+def test_a_value_check_delay_lands_in_its_serialize_part(run_tiny, monkeypatch):
+    """The TEE's value check sleeps 20 ms per call: ``serialize`` grows by calls x 20 ms and
+    so does its ``value_check`` part, no other part; the parts add up to ``serialize``.
+    Catches: a part timed into the wrong name, parts that do not add up, a part missing from
+    results.json."""
+    from tsqp_core.tee.validate import ValueCheck
+
+    calls: list[int] = []
+    monkeypatch.setattr(ValueCheck, "check", _slowed(ValueCheck.check, calls))
+    res = run_tiny(*FAST, "workload=prefill", "workload.prompt_tokens=16")
+    assert len(calls) == res["rpc"]["calls"] == 18
+    known = len(calls) * DELAY_S * 1e3
+    parts = assert_breakdown_adds_up(res)
+    split = res["latency_ms"]["serialize_parts"]
+    assert list(split) == ["encode_request", "server_reads", "server_encodes", "check_reply",
+                           "value_check"]
+    assert sum(split.values()) == pytest.approx(parts["serialize"], rel=1e-6)
+    assert known <= split["value_check"] <= 1.5 * known + 20, split
+    assert all(v < 0.25 * known for k, v in split.items() if k != "value_check"), split
+
+
 def test_sampling_time_lands_in_tee_compute(run_tiny, monkeypatch):
     """Sampling is TEE work: a sampler slowed by 50 ms per token shows in ``tee_compute``
     of a generate run, and ``other`` stays non-negative."""

@@ -7,6 +7,9 @@ Categories are the seed's: ``serialize`` (codec work and message checks, both si
 replies) and ``other`` (the rest of the wall time, so the parts always add up to the total).
 Work a scheme does before the timed region (mask pools, probes) is reported apart, as
 ``offline``, never hidden in these.
+
+``serialize`` is also kept in its parts (:data:`SERIALIZE_PARTS`, :meth:`Meter.part`), which
+add up to it: where a call's own overhead goes, the figure the per-call work is judged by.
 """
 
 from __future__ import annotations
@@ -17,6 +20,11 @@ from typing import Iterator
 from contextlib import contextmanager
 
 CATEGORIES = ("serialize", "transport", "gpu_compute", "tee_compute", "protect")
+#: The parts of ``serialize``, in a call's order: the TEE side encodes the request, the GPU
+#: side reads (and validates) it and encodes the reply, the TEE side checks and copies the
+#: reply, then checks its values.
+SERIALIZE_PARTS = ("encode_request", "server_reads", "server_encodes", "check_reply",
+                   "value_check")
 
 now_ns = time.perf_counter_ns
 
@@ -40,9 +48,16 @@ class Meter:
 
     ns: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
     methods: dict[str, MethodStats] = field(default_factory=dict)
+    #: ``serialize`` by part (:data:`SERIALIZE_PARTS`).
+    parts: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SERIALIZE_PARTS, 0))
 
     def add(self, category: str, ns: int) -> None:
         self.ns[category] += ns
+
+    def serialize(self, part: str, ns: int) -> None:
+        """``ns`` of ``serialize`` spent on ``part``."""
+        self.ns["serialize"] += ns
+        self.parts[part] += ns
 
     @contextmanager
     def time(self, category: str) -> Iterator[None]:
@@ -70,6 +85,10 @@ class Meter:
             "bytes_from_gpu": sum(m.bytes_from_gpu for m in self.methods.values()),
             "by_method": {k: v.as_dict() for k, v in self.methods.items()},
         }
+
+    def serialize_parts(self) -> dict[str, float]:
+        """``serialize`` by part, in ms (they add up to it)."""
+        return {k: v / 1e6 for k, v in self.parts.items()}
 
     def breakdown(self, total_ns: int) -> dict[str, float]:
         out = {k: v / 1e6 for k, v in self.ns.items()}

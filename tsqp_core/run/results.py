@@ -54,6 +54,8 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "latency_ms": {"total": m.totals[mid] / 1e6, "ttft": median(m.ttfts) / 1e6,
                        "tpot": (median(m.tpots) / 1e6) if m.tpots else None,
                        "breakdown": breakdown,
+                       # serialize by part (they add up to it), over the whole repeat
+                       "serialize_parts": m.meter.serialize_parts(),
                        "repeats_total": [t / 1e6 for t in m.totals],
                        "repeats_ttft": [t / 1e6 for t in m.ttfts],
                        "repeats_tpot": [t / 1e6 for t in m.tpots]},
@@ -206,6 +208,10 @@ def summary(result: dict[str, Any]) -> str:
     tpot = f", tpot {lat['tpot']:.2f} ms" if lat.get("tpot") is not None else ""
     lines.append(f"latency: total {lat['total']:.1f} ms, ttft {lat['ttft']:.1f} ms{tpot}")
     lines.append("breakdown: " + ", ".join(f"{k} {v:.1f} ms" for k, v in lat["breakdown"].items()))
+    parts, calls = lat.get("serialize_parts"), r.get("calls")
+    if parts and calls:
+        lines.append("serialize per call: " + ", ".join(
+            f"{k.replace('_', ' ')} {v * 1e3 / calls:.1f} us" for k, v in parts.items()))
     prot = result.get("protection") or {}
     if c["protection"] != "none":
         lines.append(f"protection offline (before the timer): {prot['offline_ms']:.1f} ms")

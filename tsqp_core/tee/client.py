@@ -157,7 +157,10 @@ class RemoteGpu:
             raise RemoteError(f"call {call.method}: {exc}") from None
         t3 = now_ns()
         server_ns = timings.decode_ns + timings.compute_ns + timings.encode_ns
-        meter.add("serialize", t1 - t0 + t3 - t2 + timings.decode_ns + timings.encode_ns)
+        meter.serialize("encode_request", t1 - t0)
+        meter.serialize("server_reads", timings.decode_ns)
+        meter.serialize("server_encodes", timings.encode_ns)
+        meter.serialize("check_reply", t3 - t2)
         meter.add("gpu_compute", timings.compute_ns)
         meter.add("transport", t2 - t1 - server_ns)
         sent = sum(slot.nbytes for slot in inputs)

@@ -94,7 +94,7 @@ class SplitModel:
                 for n in step.outputs:
                     env[n] = opened[n]
                 meter.add("protect", t1 - t0 + t3 - t2)
-                meter.add("serialize", now_ns() - t3)
+                meter.serialize("value_check", now_ns() - t3)
             else:
                 t0 = now_ns()
                 ops.run_op(self.impls, ctx, step, env)
