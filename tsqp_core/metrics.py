@@ -8,7 +8,7 @@ replies) and ``other`` (the rest of the wall time, so the parts always add up to
 Work a scheme does before the timed region (mask pools, probes) is reported apart, as
 ``offline``, never hidden in these.
 
-``serialize`` is also kept in its parts (:data:`SERIALIZE_PARTS`, :meth:`Meter.part`), which
+``serialize`` is also kept in its parts (:data:`SERIALIZE_PARTS`, :meth:`Meter.serialize`), which
 add up to it: where a call's own overhead goes, the figure the per-call work is judged by.
 """
 

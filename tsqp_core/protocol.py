@@ -66,7 +66,6 @@ METHOD = "m"
 ID = "id"
 OK = "ok"
 ERROR = "error"
-TIMINGS = "t"
 
 SYMBOLS = ("B", "T", "S", "L")
 #: Bytes a message may take beyond its tensors (header and framing).

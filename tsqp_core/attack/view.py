@@ -37,6 +37,8 @@ class Exchange:
 class ViewRecorder:
     hello: Hello | None = None
     calls: list[Exchange] = field(default_factory=list)
+    #: Each call's layout in the plan of ``hello`` (what its frames hold).
+    layouts: list[protocol.CallLayout] = field(default_factory=list)
 
     def __call__(self, request: list[Any], reply: list[Any]) -> None:
         try:
@@ -45,14 +47,15 @@ class ViewRecorder:
             if isinstance(msg, CallRequest):
                 if self.hello is None or not protocol.is_call_frame(reply[0]):
                     return  # refused: nothing was computed
-                inputs, outputs = protocol.CallLayout(self.hello.plan[msg.call].wire).slots(
-                    msg.batch, msg.tokens, msg.past, msg.last)
+                inputs, outputs = self.layouts[msg.call].slots(msg.batch, msg.tokens,
+                                                               msg.past, msg.last)
                 self.calls.append(Exchange(
                     msg.call, msg.session, msg.past, msg.last, self.hello.plan[msg.call].ops,
                     protocol.read_tensors(inputs, req.frames, copy=True),
                     protocol.read_tensors(outputs, reply[1:], copy=True)))
             elif isinstance(msg, Hello) and codec.decode(reply).header.get(protocol.OK):
                 self.hello = msg
+                self.layouts = [protocol.CallLayout(e.wire) for e in msg.plan]
         except (ProtocolError, IndexError):
             return  # a refused request: nothing was computed
 
