@@ -33,12 +33,18 @@ def test_rope_tables_match_transformers(rope):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rms_norm_matches_transformers(dtype):
-    norm = LlamaRMSNorm(96, eps=1e-5)
-    norm.weight.data = (1 + 0.1 * torch.randn(96)).to(dtype)
+@pytest.mark.parametrize("hidden,scale", [(96, 3.0), (576, 1e-3), (2048, 40.0)])
+def test_rms_norm_matches_transformers(dtype, hidden, scale):
+    """Bit for bit, fp32 (torch's one-call rms_norm on the CPU) and bf16 (spelled out)."""
+    gen = torch.Generator().manual_seed(hidden)
+    norm = LlamaRMSNorm(hidden, eps=1e-5)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)
     norm = norm.to(dtype)
-    x = torch.randn(2, 5, 96, dtype=dtype) * 3
+    x = (torch.randn(2, 5, hidden, generator=gen) * scale).to(dtype)
     torch.testing.assert_close(ops.rms_norm(x, norm.weight, 1e-5), norm(x), rtol=0, atol=0)
+    last = x[:, -1:]  # final_norm's last position: a view
+    torch.testing.assert_close(ops.rms_norm(last, norm.weight, 1e-5), norm(last), rtol=0,
+                               atol=0)
 
 
 def test_causal_softmax_with_a_cache_offset():
