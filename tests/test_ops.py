@@ -59,6 +59,34 @@ def test_causal_softmax_with_a_cache_offset():
     torch.testing.assert_close(p.sum(-1), torch.ones(1, 2, 3))
 
 
+def test_a_forward_shares_its_rope_tables_and_mask_across_layers():
+    """One context is one forward: the RoPE tables at its positions and its causal mask are
+    made by the first layer and reused by the rest -- and what they hold is what each layer
+    would have made itself."""
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      rope_parameters=ROPES[1])
+    dims = Dims(1, 64, 4, 2, 16, 160, 10, 4096)
+    rope = ops.Rope(cfg, 16)
+    ctx = ops.OpContext(dims, {}, rope, 1e-5, ops.KVCache())
+    pos = torch.arange(5, 8)
+    q, k = torch.randn(1, 3, 64), torch.randn(1, 3, 32)
+    first = ops.op_rope(ctx, Op("rope", 0, (), ()), q, k, pos)
+    tables = ctx.cos_sin(pos, torch.float32)
+    again = ops.op_rope(ctx, Op("rope", 1, (), ()), q, k, pos)
+    assert all(a is b for a, b in zip(ctx.cos_sin(pos, torch.float32), tables))
+    fresh = ops.op_rope(ops.OpContext(dims, {}, rope, 1e-5, ops.KVCache()), Op("rope", 1, (), ()),
+                        q, k, pos)
+    for a, b, c in zip(first, again, fresh):
+        assert torch.equal(a, b) and torch.equal(a, c)
+    other = torch.arange(9, 12)  # another forward's positions are never served stale tables
+    torch.testing.assert_close(ctx.cos_sin(other, torch.float32)[0],
+                               rope.cos_sin(other, torch.float32)[0], rtol=0, atol=0)
+    assert ctx.blocked(3, 7, pos.device) is ctx.blocked(3, 7, pos.device)
+    assert torch.equal(ctx.blocked(3, 7, pos.device), ~ops.causal_mask(3, 7, pos.device))
+    assert not torch.equal(ctx.blocked(2, 7, pos.device)[:, :6],
+                           ctx.blocked(3, 7, pos.device)[:2, :6])
+
+
 def test_gqa_attention_matches_repeated_kv():
     dims = Dims(1, 16, 4, 2, 4, 8, 10, 100)
     cache = ops.KVCache()

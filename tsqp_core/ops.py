@@ -178,9 +178,28 @@ class OpContext:
     cache: KVCache
     #: Tail ops (final_norm) keep only the last position: generation needs no other logits.
     last_only: bool = False
+    #: What every layer of a forward shares, made by the first layer that needs it -- as
+    #: transformers makes its RoPE tables and causal mask once per forward, not per layer
+    #: (the TEE side runs one context for a whole forward).
+    shared: dict[Any, Any] = field(default_factory=dict)
 
     def w(self, op: Op, suffix: str) -> torch.Tensor:
         return self.weights[f"model.layers.{op.layer}.{suffix}"]
+
+    def cos_sin(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """The RoPE tables at ``pos`` (the same tensor for every layer of a forward)."""
+        hit = self.shared.get(("rope", dtype))
+        if hit is None or hit[0] is not pos:
+            hit = self.shared["rope", dtype] = (pos, *self.rope.cos_sin(pos, dtype))
+        return hit[1], hit[2]
+
+    def blocked(self, tokens: int, keys: int, device: torch.device) -> torch.Tensor:
+        """True where a query may not attend to a key (:func:`causal_mask` inverted)."""
+        key = ("blocked", tokens, keys, device)
+        hit = self.shared.get(key)
+        if hit is None:
+            hit = self.shared[key] = ~causal_mask(tokens, keys, device)
+        return hit
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -239,7 +258,7 @@ def op_qkv_proj(ctx: OpContext, op: Op, x: torch.Tensor) -> tuple[torch.Tensor, 
 
 def op_rope(ctx: OpContext, op: Op, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor):
     qh, kh = split_heads(q, ctx.dims.heads), split_heads(k, ctx.dims.kv_heads)
-    cos, sin = ctx.rope.cos_sin(pos, q.dtype)
+    cos, sin = ctx.cos_sin(pos, q.dtype)
     return (qh * cos) + (rotate_half(qh) * sin), (kh * cos) + (rotate_half(kh) * sin)
 
 
@@ -253,8 +272,8 @@ def op_attn_scores(ctx: OpContext, op: Op, qr: torch.Tensor, kr: torch.Tensor):
 
 def op_attn_softmax(ctx: OpContext, op: Op, s: torch.Tensor):
     scale = ctx.dims.head_dim ** -0.5
-    mask = causal_mask(s.shape[2], s.shape[3], s.device)
-    scores = (s * scale).masked_fill(~mask, float("-inf"))
+    scores = (s * scale).masked_fill(ctx.blocked(s.shape[2], s.shape[3], s.device),
+                                     float("-inf"))
     return (torch.softmax(scores, dim=-1, dtype=torch.float32).to(s.dtype),)
 
 
