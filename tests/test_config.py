@@ -70,7 +70,7 @@ def test_a_stage_preset_keeps_its_own_choices_unless_overridden():
     cfg = compose("stage=stage3")
     assert (cfg.transport.name, cfg.executor.name, cfg.dtype) == ("shm", "fused", "bfloat16")
     assert set(cfg.transport.options) == {"arena_bytes", "connect_timeout_s", "spin_us",
-                                            "max_clients"}
+                                            "max_clients", "native"}
 
 
 def test_a_plugin_without_a_config_file_gets_one_from_its_option_defaults(monkeypatch):

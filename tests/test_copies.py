@@ -31,21 +31,36 @@ def _nbytes(frames) -> list[int]:
     return [memoryview(f).nbytes for f in frames]
 
 
+@pytest.mark.parametrize("native", [False, True], ids=["python", "native"])
 @pytest.mark.parametrize("stage,dtype", [("stage2", "float32"), ("stage3", "bfloat16"),
                                          ("stage1", "float32")])
-def test_each_direction_is_copied_once(stage, dtype):
+def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
+    """Over either path of the shm transport: with its C module, the TEE side's copy out of
+    the reply goes straight into the tensors it keeps (``request_into``)."""
+    shm = pytest.importorskip("tsqp_transport_shm")
+    if native and shm._native is None:
+        pytest.skip("the shm transport's C module was not built")
+    option = f"transport.options.native={str(native).lower()}"
+    from tsqp_core.tee import client as tee_client
+
+    taken: list[bool] = []
+    real_taken = tee_client._taken
+    monkeypatch.setattr(tee_client, "_taken",
+                        lambda reply, buffers: taken.append(real_taken(reply, buffers))
+                        or taken[-1])
     cfg = compose(f"stage={stage}", "model=tiny", "threads.tee=1")
     server = GpuServer(resolve(cfg.model), get_plugins().executors.create(cfg.executor.name),
                        cfg.executor.name, cfg.torch_dtype, torch.device("cpu"))
     seen: list[tuple[list[int], list[int]]] = []
     server.observe(lambda req, rep: seen.append((_nbytes(req), _nbytes(rep))))
-    channel = get_plugins().transports.create("shm").listen()
+    channel = get_plugins().transports.create("shm", {"native": native}).listen()
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(channel, stop, 0.05), daemon=True)
     thread.start()
     try:
         p = prepare(compose(f"stage={stage}", "model=tiny", f"server.address={channel.address}",
-                            "threads.tee=1"))
+                            "threads.tee=1", option))
+        assert p.transport.options.native is native
         with connect(p, batch=1, positions=24) as conn:
             model, remote = conn.model, conn.model.remote
             session, meter = Session(), Meter()
@@ -75,6 +90,7 @@ def test_each_direction_is_copied_once(stage, dtype):
                 assert gpu_transport == reply_headers
                 assert tee_own == request_tensors + reply_tensors
             model.end(session)
+        assert taken and all(t is native for t in taken)  # native: the reply copied into ours
     finally:
         stop.set()
         thread.join(10)

@@ -66,9 +66,15 @@ class Served:
         self.server.close()
 
 
-@pytest.fixture
-def served():
-    s = Served(make(arena_bytes=1 << 20))
+#: Both ways of doing the per-message work: the compiled module and the Python path.
+PATHS = [pytest.param(False, id="python"),
+         pytest.param(True, id="native", marks=pytest.mark.skipif(
+             shm._native is None, reason="the C module was not built"))]
+
+
+@pytest.fixture(params=PATHS)
+def served(request):
+    s = Served(make(arena_bytes=1 << 20, native=request.param))
     yield s
     s.close()
 
@@ -183,9 +189,10 @@ def test_a_request_out_of_sequence_drops_the_link_and_the_client_reconnects(serv
     assert served.call({"x": torch.ones(1)}).header["ok"] is True  # a new handshake
 
 
-def test_reader_rejects_control_blocks_that_do_not_describe_a_message():
+@pytest.mark.parametrize("native", PATHS)
+def test_reader_rejects_control_blocks_that_do_not_describe_a_message(native):
     region = shm._Region(shm._segment(shm.CTRL_BYTES + (1 << 16), "tsqp-test"), 1 << 16,
-                         writer=True)
+                         writer=True, native=native)
     with pytest.raises(shm._Malformed, match="magic"):
         region.read(1)
     region.write(3, [b"abc", b""])
@@ -195,10 +202,92 @@ def test_reader_rejects_control_blocks_that_do_not_describe_a_message():
     shm._table(2).pack_into(region.view, shm.CTRL_BYTES, 64, 3, 64, 1 << 20)  # out of bounds
     with pytest.raises(shm._Malformed, match="outside"):
         region.read(3)
+    shm._table(2).pack_into(region.view, shm.CTRL_BYTES, 64, 3, 2**64 - 32, 64)  # wraps
+    with pytest.raises(shm._Malformed, match="outside"):
+        region.read(3)
     shm._CTRL.pack_into(region.view, 0, shm.MAGIC, 3, 1 << 30, 0, 64)
     with pytest.raises(shm._Malformed, match="frames"):
         region.read(3)
+    shm._CTRL.pack_into(region.view, 0, shm.MAGIC, 3, 2, 0, (1 << 16) + 1)  # beyond the arena
+    with pytest.raises(shm._Malformed, match="frames"):
+        region.read(3)
     region.close()
+
+
+def _region(native: bool) -> "shm._Region":
+    return shm._Region(shm._segment(shm.CTRL_BYTES + (1 << 16), "tsqp-test"), 1 << 16,
+                       writer=True, native=native)
+
+
+MESSAGES = [[b"head"], [b"h", b"", b"x" * 100, bytes(range(256)) * 3], [b""], [],
+            [b"\xc1" * 40, memoryview(b"abcdefgh").cast("d")]]
+
+
+@pytest.mark.skipif(shm._native is None, reason="the C module was not built")
+@pytest.mark.parametrize("writer,reader", [(True, False), (False, True), (True, True)],
+                         ids=["c-to-python", "python-to-c", "c-to-c"])
+def test_the_c_module_and_the_python_path_speak_the_same_layout(writer, reader):
+    """Either side may run either path (a client without a compiler, a server with one):
+    what one writes, the other reads, frame for frame -- reserved views included."""
+    out, into = _region(writer), _region(reader)
+    try:
+        for seq, frames in enumerate(MESSAGES, 1):
+            out.write(seq, frames)
+            into.view[:] = out.view  # the other side's mapping of the same bytes
+            assert [bytes(f) for f in into.read(seq)] == [bytes(f) for f in frames]
+        views = out.reserve([5, 0, 70])
+        for view, fill in zip(views, (b"abcde", b"", b"z" * 70)):
+            view[:] = fill
+        before = out.copied
+        out.write(9, [b"header", *views])
+        assert out.copied - before == len(b"header")  # the reserved frames were in place
+        into.view[:] = out.view
+        assert [bytes(f) for f in into.read(9)] == [b"header", b"abcde", b"", b"z" * 70]
+    finally:
+        out.close()
+        into.close()
+
+
+@pytest.mark.skipif(shm._native is None, reason="the C module was not built")
+def test_reading_into_buffers_copies_only_a_message_of_exactly_their_sizes():
+    region = _region(True)
+    try:
+        region.write(1, [b"head", b"abc", b"defgh"])
+        outs = [bytearray(3), bytearray(5)]
+        got = region.read(1, outs)
+        assert got[0] == b"head" and got[1] is outs[0] and got[2] is outs[1]
+        assert outs == [bytearray(b"abc"), bytearray(b"defgh")]
+        for wrong in ([bytearray(3)], [bytearray(3), bytearray(4)],
+                      [bytearray(3), bytearray(5), bytearray(1)]):
+            got = region.read(1, wrong)  # views, as without buffers; nothing written
+            assert [bytes(f) for f in got] == [b"head", b"abc", b"defgh"]
+            assert not any(w != bytearray(len(w)) for w in wrong)
+        region.write(2, [b"h" * 5000, b"abc", b"defgh"])  # a header too large to copy
+        got = region.read(2, outs)
+        assert isinstance(got[1], memoryview) and bytes(got[0]) == b"h" * 5000
+        region.write(3, [b"head", b"abc", b"defgh"])
+        with pytest.raises(BufferError):  # buffers of the right sizes, one read-only
+            region.read(3, [bytearray(3), b"12345"])
+    finally:
+        region.close()
+
+
+def test_native_true_without_the_c_module_is_a_clear_error(monkeypatch):
+    monkeypatch.setattr(shm, "_native", None)
+    from tsqp_core.transport import ThreadBudget
+
+    with pytest.raises(TransportError, match="not built"):
+        make(native=True).fit(ThreadBudget(1, 1, 2))
+    transport = make()
+    transport.fit(ThreadBudget(1, 1, 2))
+    assert transport.options.native is False  # auto: the Python path, recorded as such
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs with a C compiler")
+def test_ci_builds_the_c_module():
+    """The install (``make setup``) builds ``_native`` where a compiler is at hand, as CI's
+    is: a silently skipped build would leave the Python path as the only one tested."""
+    assert shm._native is not None
 
 
 def test_names_left_by_a_dead_server_are_swept_on_listen():

@@ -27,7 +27,9 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
   tensor frames of the next request / the reply; a message whose frames are those very
   buffers is sent without copying them again. The rest of the system then copies each tensor
   once per direction (``tests/test_copies.py`` counts the bytes); ``None`` (the default)
-  means "copy as usual".
+  means "copy as usual". The other way, ``ClientChannel.request_into`` lets a client that
+  knows the reply's sizes hand over its own buffers: a borrowed reply is copied straight into
+  them, once, instead of lent and then copied.
 * **Settled for the machine.** ``Transport.fit(ThreadBudget)`` is called once before a run
   starts, so options marked automatic (shm's spin) can follow the run's threads and cores.
 * **Too large is an error, never a fallback.** A message the channel cannot carry raises
@@ -85,6 +87,16 @@ class ClientChannel(ABC):
     @abstractmethod
     def request(self, frames: Frames, timeout: float | None) -> list[Any]:
         """Send ``frames`` and return the reply frames (borrowed, see module doc)."""
+
+    def request_into(self, frames: Frames, outs: list[Any], timeout: float | None
+                     ) -> list[Any]:
+        """``request``, for a caller that knows what the reply should hold: ``outs`` are
+        writable buffers, one per tensor frame it expects. A transport that lends its memory
+        may copy a reply whose tensor frames have exactly those sizes into them, returning
+        ``[header, *outs]`` -- the very objects -- so the caller does not copy them again;
+        any other reply (an error, a wrong size) comes back as :meth:`request` returns it.
+        The default: :meth:`request`, ``outs`` unused."""
+        return self.request(frames, timeout)
 
     def reserve(self, sizes: list[int]) -> list[memoryview] | None:
         """Writable buffers of ``sizes`` bytes in the transport's own memory for the tensor

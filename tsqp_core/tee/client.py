@@ -144,13 +144,22 @@ class RemoteGpu:
         frames = self._call_frames(req_id, CallRequest(
             self.plan, call.index, site.session, site.past, site.last_only, site.batch,
             site.tokens), inputs, tensors, call.method)
-        t1 = now_ns()
-        reply = self.channel.request(frames, self.timeout)
+        if self.borrowed:  # the reply is copied once, straight into memory of our own
+            buffers = [codec.empty(slot.dtype, slot.shape) for slot in outputs]
+            t1 = now_ns()
+            reply = self.channel.request_into(frames, buffers, self.timeout)
+        else:
+            t1 = now_ns()
+            reply = self.channel.request(frames, self.timeout)
         t2 = now_ns()
         self._check_size(reply, call.method)
         try:
             timings = CallReply.parse(reply, req_id, t2 - t1)
-            out = protocol.read_tensors(outputs, reply[1:], copy=self.borrowed)
+            if self.borrowed and _taken(reply, buffers):
+                out = {slot.name: codec.tensor_of(a, slot.dtype)
+                       for slot, a in zip(outputs, buffers)}
+            else:  # as lent, or a transport that does not take buffers: checked and copied
+                out = protocol.read_tensors(outputs, reply[1:], copy=self.borrowed)
         except RemoteRefusal as exc:
             raise RemoteError(f"GPU side refused {call.method}: {exc}") from None
         except ProtocolError as exc:
@@ -169,3 +178,9 @@ class RemoteGpu:
             self.copied_bytes += received
         meter.record_call(call.method, sent, received, t3 - t0)
         return out
+
+
+def _taken(reply: list[Any], buffers: list[Any]) -> bool:
+    """Whether the transport copied the reply's tensor frames into ``buffers`` (it returns
+    those very objects then; it does so only where every size matched)."""
+    return len(reply) == len(buffers) + 1 and all(r is b for r, b in zip(reply[1:], buffers))

@@ -219,6 +219,35 @@ def test_a_request_written_into_reserved_memory_arrives_whole(client, dtype):
         assert_same(call(client, sent).tensors, {k: v.contiguous() for k, v in sent.items()})
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
+def test_request_into_buffers_of_the_reply_sizes_delivers_the_reply(client, dtype):
+    """``ClientChannel.request_into``: with buffers of exactly the reply's tensor sizes, the
+    reply arrives whole -- copied into those very buffers, or (a transport that does not
+    take them) as ``request`` returns it; with buffers of other sizes (an error reply, a
+    peer that sends something else) it comes back as ``request`` returns it, never cut to
+    fit or refused by the transport."""
+    gen = torch.Generator().manual_seed(3)
+    for shape in [(3, 5), (0,), (700, 9), (1,)]:
+        t = (torch.randn(shape, generator=gen) * 100).to(dtype)
+        sent = {"a": t, "b": torch.arange(4)}
+        frames = codec.encode(codec.Message({"id": 11}, sent))
+        owned = [torch.empty_like(x) for x in sent.values()]
+        buffers = [codec.tensor_buffer(x) for x in owned]
+        reply = client.request_into(frames, buffers, 30)
+        got = codec.decode(reply, copy=True)
+        assert got.header["id"] == 11 and got.header["ok"] is True
+        assert_same(got.tensors, sent)
+        if all(r is b for r, b in zip(reply[1:], buffers)):  # taken: the bytes are in ours
+            assert_same(dict(zip(sent, owned)), sent)
+        wrong = [codec.tensor_buffer(torch.empty(x.numel() + 1, dtype=x.dtype))
+                 for x in sent.values()]
+        reply = client.request_into(codec.encode(codec.Message({"id": 12}, sent)), wrong, 30)
+        assert not any(r is b for r, b in zip(reply[1:], wrong))
+        assert_same(codec.decode(reply, copy=True).tensors, sent)
+        error = client.request_into([b"\xc1\xc1"], buffers, 30)  # refused: one frame back
+        assert len(error) == 1 and codec.decode(error, copy=True).header["ok"] is False
+
+
 def test_a_message_too_large_is_an_error_and_the_channel_survives(transport):
     """``MessageTooLarge`` before anything is sent, the channel still usable; a reply too
     large becomes a small error reply to the same request. The transport names the option
