@@ -15,6 +15,8 @@ import threading
 import pytest
 import torch
 
+from tsqp_core import codec
+
 from tsqp_core.gpu.server import GpuServer
 from tsqp_core.metrics import Meter
 from tsqp_core.models.source import resolve
@@ -36,7 +38,8 @@ def _nbytes(frames) -> list[int]:
                                          ("stage1", "float32")])
 def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
     """Over either path of the shm transport: with its C module, the TEE side's copy out of
-    the reply goes straight into the tensors it keeps (``request_into``)."""
+    a small reply goes straight into the tensors it keeps (``request_into``); a large one
+    (here the 70-token prefill's logits, 70 KiB in bf16) is lent and copied by torch."""
     shm = pytest.importorskip("tsqp_transport_shm")
     if native and shm._native is None:
         pytest.skip("the shm transport's C module was not built")
@@ -61,11 +64,13 @@ def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
         p = prepare(compose(f"stage={stage}", "model=tiny", f"server.address={channel.address}",
                             "threads.tee=1", option))
         assert p.transport.options.native is native
-        with connect(p, batch=1, positions=24) as conn:
+        with connect(p, batch=1, positions=80) as conn:
             model, remote = conn.model, conn.model.remote
             session, meter = Session(), Meter()
-            ids = torch.randint(0, conn.hello.dims["vocab"], (1, 16))
-            for tokens in (ids, ids[:, :1], ids[:, 1:2]):  # a prefill, then two decode steps
+            ids = torch.randint(0, conn.hello.dims["vocab"], (1, 70))
+            # a prefill, then two decode steps
+            for tokens in (ids, ids[:, :1], ids[:, 1:2]):
+                before_taken = len(taken)
                 counts = (remote.channel.copied_bytes, remote.copied_bytes,
                           server.copied_bytes, channel.copied_bytes)
                 first = len(seen)
@@ -89,6 +94,9 @@ def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
                 assert gpu_own == reply_tensors
                 assert gpu_transport == reply_headers
                 assert tee_own == request_tensors + reply_tensors
+                large = sum(sum(rep[1:]) > codec.SMALL_COPY for _, rep in calls)
+                assert (large > 0) == (tokens.shape[1] == 70)  # the prefill's logits at least
+                assert len(taken) - before_taken == len(calls) - large
             model.end(session)
         assert taken and all(t is native for t in taken)  # native: the reply copied into ours
     finally:

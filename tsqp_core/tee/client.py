@@ -144,7 +144,11 @@ class RemoteGpu:
         frames = self._call_frames(req_id, CallRequest(
             self.plan, call.index, site.session, site.past, site.last_only, site.batch,
             site.tokens), inputs, tensors, call.method)
-        if self.borrowed:  # the reply is copied once, straight into memory of our own
+        received = sum(slot.nbytes for slot in outputs)
+        # a small reply is copied once, straight into memory of our own (a large one is lent
+        # and copied by torch on every thread: one thread filling fresh pages is slower)
+        into = self.borrowed and received <= codec.SMALL_COPY
+        if into:
             buffers = [codec.empty(slot.dtype, slot.shape) for slot in outputs]
             t1 = now_ns()
             reply = self.channel.request_into(frames, buffers, self.timeout)
@@ -155,7 +159,7 @@ class RemoteGpu:
         self._check_size(reply, call.method)
         try:
             timings = CallReply.parse(reply, req_id, t2 - t1)
-            if self.borrowed and _taken(reply, buffers):
+            if into and _taken(reply, buffers):
                 out = {slot.name: codec.tensor_of(a, slot.dtype)
                        for slot, a in zip(outputs, buffers)}
             else:  # as lent, or a transport that does not take buffers: checked and copied
@@ -173,7 +177,6 @@ class RemoteGpu:
         meter.add("gpu_compute", timings.compute_ns)
         meter.add("transport", t2 - t1 - server_ns)
         sent = sum(slot.nbytes for slot in inputs)
-        received = sum(slot.nbytes for slot in outputs)
         if self.borrowed:
             self.copied_bytes += received
         meter.record_call(call.method, sent, received, t3 - t0)
