@@ -1,12 +1,14 @@
 """Bytes copied per call, counted on each side: one copy per direction.
 
 The GPU side serves over shared memory on a thread of this process, so both sides' counters
-can be read. A request's tensors are copied once, by the TEE side straight into the request
-arena (``ClientChannel.reserve``; strided values too), and read in place by the GPU side. A
-reply is written once by the GPU side, straight into the reply arena
-(``ServerChannel.reserve``), and copied once out of it by the TEE side -- a copy the TEE
-must make anyway: the GPU side can still write to that memory, so values are checked and
-used only from the TEE's own copy."""
+can be read. A request's tensors are copied once into the request arena and read in place by
+the GPU side: a small request of host tensors by the transport as it writes the message
+(views of the tensors are its frames), anything else by the TEE side straight into the arena
+(``ClientChannel.reserve``; strided values too). A reply likewise is written once into the
+reply arena -- small ones by the GPU side's transport, others by the GPU side itself
+(``ServerChannel.reserve``: on a device, the one device-to-host copy) -- and copied once out
+of it by the TEE side: a copy the TEE must make anyway, since the GPU side can still write to
+that memory, so values are checked and used only from the TEE's own copy."""
 
 from __future__ import annotations
 
@@ -55,8 +57,26 @@ def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
     server = GpuServer(resolve(cfg.model), get_plugins().executors.create(cfg.executor.name),
                        cfg.executor.name, cfg.torch_dtype, torch.device("cpu"))
     seen: list[tuple[list[int], list[int]]] = []
-    server.observe(lambda req, rep: seen.append((_nbytes(req), _nbytes(rep))))
+    # bytes each side reserved in its transport's memory, per call (0: none), by call order
+    reserved: dict[str, list[int]] = {"tee": [], "gpu": []}
+    pending = {"tee": 0, "gpu": 0}
+
+    def observe(req, rep):
+        seen.append((_nbytes(req), _nbytes(rep)))
+        for side in reserved:
+            reserved[side].append(pending[side])
+            pending[side] = 0
+
+    def counting(side, reserve):
+        def counted(sizes):
+            buffers = reserve(sizes)
+            pending[side] += sum(sizes) if buffers is not None else 0
+            return buffers
+        return counted
+
+    server.observe(observe)
     channel = get_plugins().transports.create("shm", {"native": native}).listen()
+    channel.reserve = counting("gpu", channel.reserve)
     stop = threading.Event()
     thread = threading.Thread(target=server.serve, args=(channel, stop, 0.05), daemon=True)
     thread.start()
@@ -66,6 +86,7 @@ def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
         assert p.transport.options.native is native
         with connect(p, batch=1, positions=80) as conn:
             model, remote = conn.model, conn.model.remote
+            remote.channel.reserve = counting("tee", remote.channel.reserve)
             session, meter = Session(), Meter()
             ids = torch.randint(0, conn.hello.dims["vocab"], (1, 70))
             # a prefill, then two decode steps
@@ -86,14 +107,26 @@ def test_each_direction_is_copied_once(stage, dtype, native, monkeypatch):
                     now - then for now, then in zip(
                         (remote.channel.copied_bytes, remote.copied_bytes,
                          server.copied_bytes, channel.copied_bytes), counts))
-                # request: tensors once, by the TEE side into the arena; its transport copies
-                # only the header
-                assert tee_transport == request_headers
-                # reply: once into the arena by the GPU side, once out of it by the TEE side;
-                # the GPU side's transport copies only the small header
-                assert gpu_own == reply_tensors
-                assert gpu_transport == reply_headers
-                assert tee_own == request_tensors + reply_tensors
+                by_tee, by_gpu = (sum(reserved[side][first:]) for side in ("tee", "gpu"))
+                # request: tensors once into the arena -- by the TEE side where it reserved
+                # them, else by its transport with the header
+                assert tee_transport == request_headers + request_tensors - by_tee
+                # reply: once into the arena, likewise; once out of it by the TEE side
+                assert gpu_transport == reply_headers + reply_tensors - by_gpu
+                assert gpu_own == by_gpu
+                assert tee_own == by_tee + reply_tensors
+                # reserved: every large message (and strided values: stage1's rotated
+                # queries and keys); a small one of host tensors goes as views
+                assert by_tee >= sum(sum(req[1:]) for req, _ in calls
+                                     if sum(req[1:]) > codec.SMALL_COPY)
+                assert by_gpu == sum(sum(rep[1:]) for _, rep in calls
+                                     if sum(rep[1:]) > codec.SMALL_COPY)
+                if tokens.shape[1] == 70:
+                    assert by_gpu  # the logits: 70 KiB and more
+                    # stage1's rotated queries and keys are strided [B, H, T, d] views
+                    assert bool(by_tee) == (stage == "stage1")
+                else:  # a decode step: every request small and contiguous
+                    assert by_tee == 0
                 large = sum(sum(rep[1:]) > codec.SMALL_COPY for _, rep in calls)
                 assert (large > 0) == (tokens.shape[1] == 70)  # the prefill's logits at least
                 assert len(taken) - before_taken == len(calls) - large

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 from contextlib import contextmanager
 
 CATEGORIES = ("serialize", "transport", "gpu_compute", "tee_compute", "protect")
@@ -66,6 +66,23 @@ class Meter:
             yield
         finally:
             self.ns[category] += now_ns() - t0
+
+    def call(self, method: str, to_gpu: int, from_gpu: int, ns: int, *, encode_request: int,
+             check_reply: int, server: Any, round_trip: int) -> None:
+        """One call, ``ns`` in all: the TEE side's encoding and checking, the server's own
+        parts (``server``: its ``decode_ns``, ``compute_ns`` and ``encode_ns``) and the
+        transport, which is the ``round_trip`` less what the server reported. In one step:
+        it runs on every call."""
+        reads, compute, encodes = server.decode_ns, server.compute_ns, server.encode_ns
+        parts, cats = self.parts, self.ns
+        parts["encode_request"] += encode_request
+        parts["server_reads"] += reads
+        parts["server_encodes"] += encodes
+        parts["check_reply"] += check_reply
+        cats["serialize"] += encode_request + reads + encodes + check_reply
+        cats["gpu_compute"] += compute
+        cats["transport"] += round_trip - reads - compute - encodes
+        self.record_call(method, to_gpu, from_gpu, ns)
 
     def record_call(self, method: str, to_gpu: int, from_gpu: int, ns: int) -> None:
         m = self.methods.setdefault(method, MethodStats())

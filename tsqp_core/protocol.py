@@ -425,6 +425,26 @@ class Slot(NamedTuple):
     nbytes: int
 
 
+class CallSizes(NamedTuple):
+    """A call's wire layout at one set of sizes: its inputs' and outputs' slots, their
+    names and their bytes in all -- what checking and sizing a call's frames needs, worked
+    out once."""
+
+    inputs: tuple[Slot, ...]
+    outputs: tuple[Slot, ...]
+    input_names: tuple[str, ...]
+    output_names: tuple[str, ...]
+    #: Bytes of the inputs' frames (the request's tensors) and of the outputs' (the reply's).
+    sent: int
+    received: int
+
+    @classmethod
+    def of(cls, inputs: tuple[Slot, ...], outputs: tuple[Slot, ...]) -> "CallSizes":
+        return cls(inputs, outputs, tuple(s.name for s in inputs),
+                   tuple(s.name for s in outputs), sum(s.nbytes for s in inputs),
+                   sum(s.nbytes for s in outputs))
+
+
 class CallLayout:
     """A call's wire layout made concrete for the sizes of a call: each tensor's name,
     dtype, shape and byte count, in order -- worked out once per distinct sizes (only the
@@ -438,21 +458,25 @@ class CallLayout:
     def __init__(self, wire: CallWire) -> None:
         self.wire = wire
         self._uses_s = any("S" in t.shape for t in (*wire.inputs, *wire.outputs))
-        self._cache: dict[tuple[int, int, int, bool], tuple[tuple[Slot, ...],
-                                                             tuple[Slot, ...]]] = {}
+        self._cache: dict[tuple[int, int, int, bool], CallSizes] = {}
 
-    def slots(self, batch: int, tokens: int, past: int, last: bool
-              ) -> tuple[tuple[Slot, ...], tuple[Slot, ...]]:
-        """The inputs' and the outputs' slots of a call of these sizes."""
+    def sized(self, batch: int, tokens: int, past: int, last: bool) -> CallSizes:
+        """The call's slots, names and byte totals at these sizes."""
         key = (batch, tokens, past if self._uses_s else 0, last)
         hit = self._cache.get(key)
         if hit is None:
             if len(self._cache) >= self.MAX_CACHED:
                 self._cache.clear()
             want = sizes(batch, tokens, past, last)
-            hit = self._cache[key] = (_slots(self.wire.inputs, want),
-                                      _slots(self.wire.outputs, want))
+            hit = self._cache[key] = CallSizes.of(_slots(self.wire.inputs, want),
+                                                  _slots(self.wire.outputs, want))
         return hit
+
+    def slots(self, batch: int, tokens: int, past: int, last: bool
+              ) -> tuple[tuple[Slot, ...], tuple[Slot, ...]]:
+        """The inputs' and the outputs' slots of a call of these sizes."""
+        hit = self.sized(batch, tokens, past, last)
+        return hit.inputs, hit.outputs
 
 
 def _slots(specs: Sequence[WireTensor], want: dict[str, int]) -> tuple[Slot, ...]:
@@ -485,10 +509,12 @@ def read_tensors(slots: Sequence[Slot], frames: Sequence[Any], *, copy: bool
     return out
 
 
-def check_slots(slots: Sequence[Slot], tensors: dict[str, torch.Tensor], who: str) -> None:
+def check_slots(slots: Sequence[Slot], tensors: dict[str, torch.Tensor], who: str,
+                names: tuple[str, ...] | None = None) -> None:
     """``tensors`` are exactly ``slots``' names, in order, of their dtypes and shapes: what
-    this side is about to send (a bug in ``who`` otherwise, said before anything leaves)."""
-    if len(tensors) != len(slots) or any(a != s.name for a, s in zip(tensors, slots)):
+    this side is about to send (a bug in ``who`` otherwise, said before anything leaves).
+    ``names``: the slots' names, where the caller has them (:class:`CallSizes`)."""
+    if tuple(tensors) != (names if names is not None else tuple(s.name for s in slots)):
         raise ProtocolError(f"{who} made tensors {list(tensors)}, the plan says "
                             f"{[s.name for s in slots]}")
     for slot, t in zip(slots, tensors.values()):

@@ -360,9 +360,8 @@ class GpuServer:
                                f"positions is beyond what the hello declared ({plan.batch}, "
                                f"{plan.positions})")
         call = plan.calls[req.call]
-        inputs, outputs = plan.layouts[req.call].slots(req.batch, req.tokens, req.past,
-                                                       req.last)
-        env = protocol.read_tensors(inputs, frames, copy=False)  # the backend may add to it
+        sized = plan.layouts[req.call].sized(req.batch, req.tokens, req.past, req.last)
+        env = protocol.read_tensors(sized.inputs, frames, copy=False)  # the backend adds to it
         session = req.session
         cache = self._session(client, session, plan.backend)
         for layer, which in plan.stateful[req.call]:
@@ -381,9 +380,10 @@ class GpuServer:
             raise
         t_compute = now_ns() - t0
         t0 = now_ns()
-        out = {slot.name: env[slot.name] for slot in outputs}
+        out = {name: env[name] for name in sized.output_names}
         try:
-            protocol.check_slots(outputs, out, f"executor {self.executor_name}")
+            protocol.check_slots(sized.outputs, out, f"executor {self.executor_name}",
+                                 sized.output_names)
         except ProtocolError as exc:
             client.sessions.pop(session, None)
             raise RequestError(str(exc)) from None
@@ -393,31 +393,35 @@ class GpuServer:
             if text is not None:  # raw, as a hostile server would send it
                 return codec.pack({protocol.ID: req_id, protocol.OK: False,
                                    protocol.ERROR: text}, [], [])
-        buffers = self._place(out, reserve)
+        buffers = self._place(out, reserve, sized.received)
         timings = protocol.CallReply(t_decode, t_compute, now_ns() - t0)
         if lie:
             timings = self.tamper.reply(timings, out)
-            buffers = self._place(out, reserve)
+            buffers = self._place(out, reserve, sized.received)
         return protocol.encode_call_reply(req_id, timings, buffers)
 
-    def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None) -> list[Any]:
-        """The reply's tensor frames. Where the channel lends its own memory (``reserve``),
-        each output is copied once, straight into it -- on a device, the one device-to-host
-        copy; else the frames are the tensors' own memory (copied where they are not
-        contiguous host memory, and by the transport as it sends them)."""
-        if reserve is not None:
+    def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None,
+               nbytes: int) -> list[Any]:
+        """The reply's tensor frames (``nbytes`` in all), each output copied once on its
+        way. A small reply of host tensors goes as views of them: the channel's own copy
+        (into its memory, or onto the wire) is the one. Anything else, where the channel
+        lends its memory (``reserve``), is copied once straight into it -- from a device,
+        the one device-to-host transfer -- and the channel copies only the header."""
+        values = out.values()
+        if reserve is not None and (nbytes > codec.SMALL_COPY or not all(
+                t.is_cpu and t.is_contiguous() for t in values)):
             try:
-                buffers = reserve([t.numel() * t.element_size() for t in out.values()])
+                buffers = reserve([t.numel() * t.element_size() for t in values])
             except MessageTooLarge as exc:
                 raise RequestError(f"reply not sent: {exc}") from None
             if buffers is not None:
-                for t, buf in zip(out.values(), buffers):
+                for t, buf in zip(values, buffers):
                     codec.place(t, buf)
-                self.copied_bytes += sum(memoryview(b).nbytes for b in buffers)
+                self.copied_bytes += nbytes
                 return buffers
-        self.copied_bytes += sum(t.numel() * t.element_size() for t in out.values()
+        self.copied_bytes += sum(t.numel() * t.element_size() for t in values
                                  if not (t.is_cpu and t.is_contiguous()))
-        return [codec.tensor_buffer(t) for t in out.values()]
+        return [codec.tensor_buffer(t) for t in values]
 
     def _session(self, client: _Client, session: int, backend: Backend) -> Any:
         cache = client.sessions.get(session)

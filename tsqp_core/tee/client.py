@@ -73,31 +73,39 @@ class RemoteGpu:
                               f"{exc}") from None
         return reply
 
-    def _check_size(self, frames: list[Any], method: str) -> None:
-        size = sum(memoryview(f).nbytes for f in frames)
+    def _check_size(self, frames: list[Any], method: str, size: int | None = None) -> None:
+        """Refuse a reply larger than the plan allows (``size``: its bytes, where known)."""
+        if size is None:
+            size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_reply:
             raise RemoteError(f"the GPU side's reply to {method} has {size} bytes, more "
                               f"than the {self.max_reply} the plan allows; not read")
 
-    def _call_frames(self, req_id: int, request: CallRequest, slots: tuple[Slot, ...],
+    def _call_frames(self, req_id: int, request: CallRequest, sized: protocol.CallSizes,
                      tensors: dict[str, torch.Tensor], method: str) -> list[Any]:
-        """A call's frames. Where the channel lends its memory, each tensor is copied once,
-        straight into it (whatever its strides), and the channel copies only the header."""
+        """A call's frames, each tensor copied once on its way. A small request of host
+        tensors goes as views of them: the channel's own copy (into its memory, or onto the
+        wire) is the one. Anything else, where the channel lends its memory, is copied
+        once straight into it -- whatever its strides or device, on every thread -- and
+        the channel copies only the header."""
         try:
-            protocol.check_slots(slots, tensors, "the protection scheme")
+            protocol.check_slots(sized.inputs, tensors, "the protection scheme",
+                                 sized.input_names)
             head = request.frame(req_id)
         except ProtocolError as exc:
             raise RemoteError(f"call {method}: {exc}") from None
-        if tensors:
-            buffers = self.channel.reserve([slot.nbytes for slot in slots])
+        values = tensors.values()
+        if sized.sent > codec.SMALL_COPY or not all(t.is_cpu and t.is_contiguous()
+                                                    for t in values):
+            buffers = self.channel.reserve([slot.nbytes for slot in sized.inputs])
             if buffers is not None:
-                for t, buf in zip(tensors.values(), buffers):
+                for t, buf in zip(values, buffers):
                     codec.place(t, buf)
-                self.copied_bytes += sum(slot.nbytes for slot in slots)
+                self.copied_bytes += sized.sent
                 return [head, *buffers]
-            self.copied_bytes += sum(t.numel() * t.element_size() for t in tensors.values()
+            self.copied_bytes += sum(t.numel() * t.element_size() for t in values
                                      if not (t.is_cpu and t.is_contiguous()))
-        return [head, *(codec.tensor_buffer(t) for t in tensors.values())]
+        return [head, *map(codec.tensor_buffer, values)]
 
     def hello(self, hello: Hello, timeout: float | None = None) -> HelloReply:
         self._hello, self._hello_timeout = hello, timeout
@@ -137,14 +145,15 @@ class RemoteGpu:
         if self.plan is None:
             raise RemoteError("call before hello")
         call = site.call
-        inputs, outputs = self.layouts[call.index].slots(site.batch, site.tokens, site.past,
-                                                         site.last_only)
+        sized = self.layouts[call.index].sized(site.batch, site.tokens, site.past,
+                                               site.last_only)
+        outputs = sized.outputs
         req_id = next(self._ids)
         t0 = now_ns()
         frames = self._call_frames(req_id, CallRequest(
             self.plan, call.index, site.session, site.past, site.last_only, site.batch,
-            site.tokens), inputs, tensors, call.method)
-        received = sum(slot.nbytes for slot in outputs)
+            site.tokens), sized, tensors, call.method)
+        received = sized.received
         # a small reply is copied once, straight into memory of our own (a large one is lent
         # and copied by torch on every thread: one thread filling fresh pages is slower)
         into = self.borrowed and received <= codec.SMALL_COPY
@@ -152,14 +161,17 @@ class RemoteGpu:
             buffers = [codec.empty(slot.dtype, slot.shape) for slot in outputs]
             t1 = now_ns()
             reply = self.channel.request_into(frames, buffers, self.timeout)
+            into = _taken(reply, buffers)
         else:
             t1 = now_ns()
             reply = self.channel.request(frames, self.timeout)
         t2 = now_ns()
-        self._check_size(reply, call.method)
+        # the size of what arrived, before anything reads it (taken: the tensors' are ours)
+        self._check_size(reply, call.method,
+                         memoryview(reply[0]).nbytes + received if into else None)
         try:
             timings = CallReply.parse(reply, req_id, t2 - t1)
-            if into and _taken(reply, buffers):
+            if into:
                 out = {slot.name: codec.tensor_of(a, slot.dtype)
                        for slot, a in zip(outputs, buffers)}
             else:  # as lent, or a transport that does not take buffers: checked and copied
@@ -169,17 +181,10 @@ class RemoteGpu:
         except ProtocolError as exc:
             raise RemoteError(f"call {call.method}: {exc}") from None
         t3 = now_ns()
-        server_ns = timings.decode_ns + timings.compute_ns + timings.encode_ns
-        meter.serialize("encode_request", t1 - t0)
-        meter.serialize("server_reads", timings.decode_ns)
-        meter.serialize("server_encodes", timings.encode_ns)
-        meter.serialize("check_reply", t3 - t2)
-        meter.add("gpu_compute", timings.compute_ns)
-        meter.add("transport", t2 - t1 - server_ns)
-        sent = sum(slot.nbytes for slot in inputs)
         if self.borrowed:
             self.copied_bytes += received
-        meter.record_call(call.method, sent, received, t3 - t0)
+        meter.call(call.method, sized.sent, received, t3 - t0, encode_request=t1 - t0,
+                   check_reply=t3 - t2, server=timings, round_trip=t2 - t1)
         return out
 
 
