@@ -84,6 +84,90 @@ def test_value_check_bounds():
         ValueCheck(torch.float32, 10.0).check(site, {"x": torch.tensor([11.0])})
 
 
+def _torch_answer(t: torch.Tensor, limit: float) -> bool:
+    lo, hi = torch.aminmax(t.float())
+    return -limit <= float(lo) and float(hi) <= limit
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_c_value_check_answers_as_torch_does(dtype):
+    """``_bounds.within`` against aminmax and double comparisons: NaN, infinities, values at,
+    just above and just below the limit (limits a float cannot hold included), subnormals,
+    negative zero, a bad value at every position of a vectorised loop's tail."""
+    validate = pytest.importorskip("tsqp_core.tee.validate")
+    if validate._bounds is None:
+        pytest.skip("tsqp_core.tee._bounds was not built")
+    within, kind = validate._bounds.within, validate._KINDS[dtype]
+    gen = torch.Generator().manual_seed(7)
+    limits = [2.0**24, 65504.0, 10.0, 100000.1, 1e-3, 3.4e38, 1e300]
+    specials = [float("nan"), float("inf"), -float("inf"), -0.0, 1e-45, 3e38, -3e38]
+    cases = 0
+    for limit in limits:
+        near = [limit, -limit, math.nextafter(limit, 0), math.nextafter(limit, math.inf),
+                -math.nextafter(limit, math.inf)]
+        for n in (1, 3, 8, 17, 64, 1000):
+            base = (torch.randn(n, generator=gen) * min(limit, 1e6) / 10).to(dtype)
+            for bad in [None, *specials, *near]:
+                for at in ((0, n // 2, n - 1) if bad is not None else (None,)):
+                    t = base.clone()
+                    if at is not None:  # beyond the dtype's range: an infinity
+                        t[at] = torch.tensor(bad, dtype=torch.float64)
+                    want = _torch_answer(t, limit)
+                    assert within(t.data_ptr(), t.numel(), kind, limit) is want, (
+                        limit, n, bad, at, dtype)
+                    cases += 1
+    assert cases > 1000
+    for args in ((0, 1, kind, 1.0), (1, -1, kind, 1.0), (1, 1, 2, 1.0), (1, 1, kind, 0.0),
+                 (1, 1, kind, math.inf), (1, 1, kind, math.nan)):
+        with pytest.raises(ValueError):
+            within(*args)
+
+
+def test_the_value_check_takes_the_same_decisions_on_either_path(monkeypatch):
+    """ValueCheck with and without its C loop: small, strided, large (torch's aminmax on
+    every thread) and float16 (no C loop) values, honest and lying."""
+    from tsqp_core.protection import CallSite
+    from tsqp_core.tee import validate
+
+    class _Call:
+        index, method = 3, "o_proj"
+
+    site = CallSite(_Call(), None, 1, 1, 0, 1, 1, False, {})  # type: ignore[arg-type]
+    values = {"small": torch.randn(1, 1, 64), "strided": torch.randn(8, 64).t(),
+              "large": torch.randn(64, 1024), "bf16": torch.randn(1, 1, 64).bfloat16(),
+              "half": torch.randn(1, 1, 64).half()}
+
+    def decisions() -> list[str]:
+        out = []
+        check = validate.ValueCheck(torch.float32, 1000.0)
+        for name, t in values.items():
+            for bad in (None, float("nan"), 2000.0, -1e30):
+                v = t.clone()  # keeps the strides
+                if bad is not None:
+                    v[(-1,) * v.dim()] = bad
+                try:
+                    check.check(site, {name: v})
+                    out.append("ok")
+                except IntegrityError as exc:
+                    out.append(str(exc))
+        return out
+
+    fast = decisions()
+    monkeypatch.setattr(validate, "_bounds", None)
+    assert decisions() == fast
+    assert fast.count("ok") == len(values)  # only the honest ones pass
+    assert not values["strided"].is_contiguous()
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs with a C compiler")
+def test_ci_builds_the_value_checks_c_loop():
+    """``make setup`` builds ``tsqp_core.tee._bounds`` where a compiler is at hand, as CI's
+    is: a silently skipped build would leave only the torch path tested."""
+    from tsqp_core.tee import validate
+
+    assert validate._bounds is not None
+
+
 def test_a_nan_never_compares_as_equal():
     """Python's ``max(0.0, nan)`` is 0.0: the reference check must not inherit that."""
     a = torch.tensor([[1.0, 2.0]])

@@ -15,19 +15,34 @@ holding every integer) leaves a factor of ~600 above that, and the dtype's own l
 finite value caps it (float16: 65504). ``server.max_abs_value`` overrides it for a model
 that needs more.
 
-It costs one ``aminmax`` pass over each reply (counted as ``serialize``: reply validation).
+It costs one pass over each reply (counted as ``serialize``: reply validation): for a small
+float32 or bfloat16 tensor -- every reply of a decode step -- in C (``_bounds.c``, built by
+``setup.py`` where a compiler is at hand), else one ``torch.aminmax``; both give the same
+answer (``tests/test_hostile_gpu.py`` checks them against each other).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 import torch
 
+from tsqp_core.codec import SMALL_COPY
 from tsqp_core.protection.base import CallSite, IntegrityError
+
+try:
+    from tsqp_core.tee import _bounds
+except ImportError:  # not built (no C compiler at install): torch does the check
+    _bounds = None  # type: ignore[assignment]
 
 #: Largest magnitude accepted from the GPU side unless ``server.max_abs_value`` says otherwise.
 DEFAULT_MAX_ABS = float(2**24)
+
+#: The dtypes ``_bounds`` reads, and the most elements it is given: above that, torch's
+#: ``aminmax`` (on every thread) is as fast or faster.
+_KINDS = {torch.float32: 0, torch.bfloat16: 1}
+_SMALL = {0: SMALL_COPY // 4, 1: SMALL_COPY // 2}
 
 
 class ValueCheck:
@@ -40,18 +55,24 @@ class ValueCheck:
         if not limit > 0:
             raise ValueError(f"max_abs must be positive, got {max_abs!r}")
         self.max_abs = limit
+        #: Whether small float32 and bfloat16 values are checked in C (``_bounds``).
+        self._fast = _bounds is not None and math.isfinite(limit)
 
     def check(self, site: CallSite, values: Mapping[str, torch.Tensor]) -> None:
         """Raise :class:`IntegrityError` naming the call and the value that fails."""
         for name, t in values.items():
             if not t.is_floating_point() or t.numel() == 0:
                 continue
-            lo, hi = torch.aminmax(t)
-            lo, hi = float(lo), float(hi)
-            if -self.max_abs <= lo and hi <= self.max_abs:  # False for NaN
-                continue
-            raise IntegrityError(f"call {site.call.index} ({site.call.method}): "
-                                 f"{self._describe(name, t)}")
+            kind = _KINDS.get(t.dtype) if self._fast else None
+            if (kind is not None and t.is_cpu and t.is_contiguous()
+                    and t.numel() <= _SMALL[kind]):
+                ok = _bounds.within(t.data_ptr(), t.numel(), kind, self.max_abs)
+            else:
+                lo, hi = torch.aminmax(t)
+                ok = -self.max_abs <= float(lo) and float(hi) <= self.max_abs  # NaN: False
+            if not ok:
+                raise IntegrityError(f"call {site.call.index} ({site.call.method}): "
+                                     f"{self._describe(name, t)}")
 
     def _describe(self, name: str, t: torch.Tensor) -> str:
         nan = int(torch.isnan(t).sum())
