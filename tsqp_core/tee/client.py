@@ -23,7 +23,7 @@ from tsqp_core import codec, protocol
 from tsqp_core.codec import ProtocolError
 from tsqp_core.metrics import Meter, now_ns
 from tsqp_core.protocol import (CallReply, CallRequest, End, Hello, HelloReply, Ping,
-                                RemoteRefusal, Slot)
+                                RemoteRefusal)
 from tsqp_core.transport import ClientChannel
 
 
