@@ -11,7 +11,9 @@ export TRANSFORMERS_OFFLINE := 1
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml plugins/*/pyproject.toml Makefile
+# the C sources too: a changed one is rebuilt (editable installs do not rebuild extensions)
+$(STAMP): pyproject.toml setup.py tsqp_core/tee/_bounds.c plugins/*/pyproject.toml \
+		$(wildcard plugins/*/setup.py plugins/*/*/*.c) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	# torch first and pinned: an unpinned torch pulls a multi-GB CUDA build
