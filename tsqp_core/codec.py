@@ -13,7 +13,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Collection, Sequence
 
 import msgpack
 import numpy
@@ -143,6 +143,27 @@ def place(t: torch.Tensor, buffer: Any) -> None:
         memoryview(buffer)[:] = tensor_buffer(t)  # the cheapest for small ones
     else:
         over(buffer, t.dtype, t.shape).copy_(t)
+
+
+def tensor_frames(values: Collection[torch.Tensor], nbytes: int,
+                  reserve: Callable[[list[int]], list[Any] | None] | None
+                  ) -> tuple[list[Any], int]:
+    """The frames of a call's tensors ``values`` (``nbytes`` in all), each copied once on
+    its way, and the bytes this side copied. A small message of host tensors goes as views:
+    the transport's own copy (into its memory, or onto the wire) is the one. Anything else,
+    where the transport lends its memory (``reserve``, a channel's), is copied straight into
+    it -- whatever its strides, from whatever device (the one device-to-host copy), large
+    ones by torch on every thread -- and the transport copies only the header."""
+    if reserve is not None and (nbytes > SMALL_COPY or not all(
+            t.is_cpu and t.is_contiguous() for t in values)):
+        buffers = reserve([t.numel() * t.element_size() for t in values])
+        if buffers is not None:
+            for t, buf in zip(values, buffers):
+                place(t, buf)
+            return buffers, nbytes
+    copied = sum(t.numel() * t.element_size() for t in values
+                 if not (t.is_cpu and t.is_contiguous()))
+    return [tensor_buffer(t) for t in values], copied
 
 
 def encode_tensors(tensors: dict[str, torch.Tensor]) -> tuple[list[list], list[Any]]:

@@ -25,9 +25,11 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
 * **Memory it lends (optional).** A transport with memory of its own (shm's arenas) may lend
   it: ``ClientChannel.reserve`` / ``ServerChannel.reserve`` hand out writable buffers for the
   tensor frames of the next request / the reply; a message whose frames are those very
-  buffers is sent without copying them again. The rest of the system then copies each tensor
-  once per direction (``tests/test_copies.py`` counts the bytes); ``None`` (the default)
-  means "copy as usual". The other way, ``ClientChannel.request_into`` lets a client that
+  buffers is sent without copying them again. The core asks for them where that saves a
+  copy -- large messages, strided values, device tensors (:func:`codec.tensor_frames`); a
+  small message of host tensors it hands over as views, for the transport's own copy. Either
+  way each tensor is copied once per direction (``tests/test_copies.py`` counts the bytes);
+  ``None`` (the default) means "copy as usual". The other way, ``ClientChannel.request_into`` lets a client that
   knows the reply's sizes hand over its own buffers: a borrowed reply is copied straight into
   them, once, instead of lent and then copied.
 * **Settled for the machine.** ``Transport.fit(ThreadBudget)`` is called once before a run
@@ -137,8 +139,8 @@ class ServerChannel(ABC):
         """Writable buffers of ``sizes`` bytes in the transport's own memory for the tensor
         frames of the reply to the request last returned by :meth:`recv` -- or ``None``
         where the transport has no such memory (the default). The server writes each output
-        straight into its buffer; ``send([header, *buffers])`` with those very objects then
-        commits them without copying them again. Raises :class:`MessageTooLarge` when they
+        of a reply it is asked for straight into its buffer; ``send([header, *buffers])``
+        with those very objects then commits them without copying them again. Raises :class:`MessageTooLarge` when they
         cannot fit."""
         return None
 

@@ -402,26 +402,15 @@ class GpuServer:
 
     def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None,
                nbytes: int) -> list[Any]:
-        """The reply's tensor frames (``nbytes`` in all), each output copied once on its
-        way. A small reply of host tensors goes as views of them: the channel's own copy
-        (into its memory, or onto the wire) is the one. Anything else, where the channel
-        lends its memory (``reserve``), is copied once straight into it -- from a device,
-        the one device-to-host transfer -- and the channel copies only the header."""
-        values = out.values()
-        if reserve is not None and (nbytes > codec.SMALL_COPY or not all(
-                t.is_cpu and t.is_contiguous() for t in values)):
-            try:
-                buffers = reserve([t.numel() * t.element_size() for t in values])
-            except MessageTooLarge as exc:
-                raise RequestError(f"reply not sent: {exc}") from None
-            if buffers is not None:
-                for t, buf in zip(values, buffers):
-                    codec.place(t, buf)
-                self.copied_bytes += nbytes
-                return buffers
-        self.copied_bytes += sum(t.numel() * t.element_size() for t in values
-                                 if not (t.is_cpu and t.is_contiguous()))
-        return [codec.tensor_buffer(t) for t in values]
+        """The reply's tensor frames (``nbytes`` in all), each output copied once on its way
+        (:func:`codec.tensor_frames`: views, or straight into the channel's memory -- from a
+        device, the one device-to-host transfer)."""
+        try:
+            buffers, copied = codec.tensor_frames(out.values(), nbytes, reserve)
+        except MessageTooLarge as exc:
+            raise RequestError(f"reply not sent: {exc}") from None
+        self.copied_bytes += copied
+        return buffers
 
     def _session(self, client: _Client, session: int, backend: Backend) -> Any:
         cache = client.sessions.get(session)

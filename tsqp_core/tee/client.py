@@ -83,29 +83,18 @@ class RemoteGpu:
 
     def _call_frames(self, req_id: int, request: CallRequest, sized: protocol.CallSizes,
                      tensors: dict[str, torch.Tensor], method: str) -> list[Any]:
-        """A call's frames, each tensor copied once on its way. A small request of host
-        tensors goes as views of them: the channel's own copy (into its memory, or onto the
-        wire) is the one. Anything else, where the channel lends its memory, is copied
-        once straight into it -- whatever its strides or device, on every thread -- and
-        the channel copies only the header."""
+        """A call's frames: its header, then its tensors, each copied once on its way
+        (:func:`codec.tensor_frames`: views, or straight into the channel's memory)."""
         try:
             protocol.check_slots(sized.inputs, tensors, "the protection scheme",
                                  sized.input_names)
             head = request.frame(req_id)
         except ProtocolError as exc:
             raise RemoteError(f"call {method}: {exc}") from None
-        values = tensors.values()
-        if sized.sent > codec.SMALL_COPY or not all(t.is_cpu and t.is_contiguous()
-                                                    for t in values):
-            buffers = self.channel.reserve([slot.nbytes for slot in sized.inputs])
-            if buffers is not None:
-                for t, buf in zip(values, buffers):
-                    codec.place(t, buf)
-                self.copied_bytes += sized.sent
-                return [head, *buffers]
-            self.copied_bytes += sum(t.numel() * t.element_size() for t in values
-                                     if not (t.is_cpu and t.is_contiguous()))
-        return [head, *map(codec.tensor_buffer, values)]
+        buffers, copied = codec.tensor_frames(tensors.values(), sized.sent,
+                                              self.channel.reserve)
+        self.copied_bytes += copied
+        return [head, *buffers]
 
     def hello(self, hello: Hello, timeout: float | None = None) -> HelloReply:
         self._hello, self._hello_timeout = hello, timeout
