@@ -26,11 +26,12 @@ class ReferenceBackend(Backend):
     def run(self, call: GpuCall, env: dict[str, torch.Tensor], cache: Any,
             last_only: bool) -> None:
         ctx = ops.OpContext(self.dims, self.weights, self.rope, self.eps, cache, last_only)
-        for name, t in env.items():
-            if t.device != self.device:
-                env[name] = t.to(self.device)
-        for op in call.ops:
-            ops.run_op(self.impls, ctx, op, env)
+        with torch.inference_mode():  # as transformers is run for the reference
+            for name, t in env.items():
+                if t.device != self.device:
+                    env[name] = t.to(self.device)
+            for op in call.ops:
+                ops.run_op(self.impls, ctx, op, env)
 
     def synchronize(self) -> None:
         if self.device.type == "cuda":

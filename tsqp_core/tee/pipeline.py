@@ -61,7 +61,15 @@ class SplitModel:
 
     def forward(self, ids: torch.Tensor, session: Session, meter: Meter,
                 last_only: bool = False) -> torch.Tensor:
-        """Logits for ``ids`` ``[B, T]`` following ``session.past`` cached positions."""
+        """Logits for ``ids`` ``[B, T]`` following ``session.past`` cached positions.
+
+        Runs in ``torch.inference_mode``, as the monolithic reference does: no op on this
+        side is ever differentiated, and autograd's bookkeeping is a dispatch per op."""
+        with torch.inference_mode():
+            return self._forward(ids, session, meter, last_only)
+
+    def _forward(self, ids: torch.Tensor, session: Session, meter: Meter,
+                 last_only: bool) -> torch.Tensor:
         batch, tokens = ids.shape
         if session.past + tokens > self.dims.max_positions:
             raise ValueError(f"{session.past + tokens} positions exceed the model's context of "
