@@ -120,3 +120,61 @@ def test_schedule_call_counts_and_boundaries():
     assert len(whole.calls) == 1 and whole.calls[0].inputs == ("ids", "pos")
     assert whole.calls[0].outputs == ("logits",)
     assert len(gpu_runs(forward_ops(2), frozenset())) == 0
+
+
+# --- the torch TEE-op library: fewer calls, the reference's bits --------------------------
+
+ALL_ROPES = ROPES + [
+    {"rope_type": "linear", "rope_theta": 10000.0, "factor": 4.0},
+    {"rope_type": "dynamic", "rope_theta": 10000.0, "factor": 2.0},
+]
+
+
+@pytest.mark.parametrize("rope", ALL_ROPES, ids=["default", "llama3", "linear", "dynamic"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("batch,tokens,heads,kv_heads,head_dim",
+                         [(1, 1, 4, 2, 16), (2, 5, 4, 4, 8), (1, 17, 6, 2, 64), (3, 2, 2, 1, 4)])
+def test_tee_rope_and_softmax_give_the_reference_bits(rope, dtype, batch, tokens, heads,
+                                                      kv_heads, head_dim):
+    """:class:`TorchTeeOps`' RoPE and softmax against the reference ops, bit for bit, at
+    prefill and decode shapes, grouped and plain attention, every RoPE type (dynamic past
+    its context too), both dtypes, values spanning magnitudes."""
+    from tsqp_core.tee_ops import TorchTeeOps
+
+    impls = TorchTeeOps(None).implementations()
+    cfg = LlamaConfig(hidden_size=heads * head_dim, num_attention_heads=heads,
+                      num_key_value_heads=kv_heads, max_position_embeddings=64,
+                      rope_parameters=rope)
+    dims = Dims(1, heads * head_dim, heads, kv_heads, head_dim, 8, 10, 256)
+    gen = torch.Generator().manual_seed(batch * 1000 + tokens * 10 + heads)
+    for past in (0, 3, 100):  # 100 + tokens: past the dynamic RoPE's context
+        pos = torch.arange(past, past + tokens)
+        scale = 10.0 ** torch.randint(-3, 4, (batch, tokens, 1), generator=gen)
+        q = (torch.randn(batch, tokens, heads * head_dim, generator=gen) * scale).to(dtype)
+        k = (torch.randn(batch, tokens, kv_heads * head_dim, generator=gen) * scale).to(dtype)
+        s = (torch.randn(batch, heads, tokens, past + tokens, generator=gen) * 30).to(dtype)
+        got, want = [], []
+        for library, out in ((impls, got), (ops.REFERENCE_OPS, want)):
+            ctx = ops.OpContext(dims, {}, ops.Rope(cfg, head_dim), 1e-5, ops.KVCache())
+            for layer in range(2):  # the second layer reuses the first one's tables
+                out += library["rope"](ctx, Op("rope", layer, (), ()), q, k, pos)
+            out += library["attn_softmax"](ctx, Op("attn_softmax", 0, (), ()), s)
+        for a, b in zip(got, want):
+            assert a.shape == b.shape and a.dtype == b.dtype
+            assert torch.equal(a, b)
+
+
+def test_the_tee_rope_tables_follow_the_forward():
+    """Signed tables are made once per forward's positions, never served for other ones."""
+    from tsqp_core.tee_ops import op_rope
+
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      rope_parameters=ROPES[1])
+    dims = Dims(1, 64, 4, 2, 16, 160, 10, 4096)
+    ctx = ops.OpContext(dims, {}, ops.Rope(cfg, 16), 1e-5, ops.KVCache())
+    q, k = torch.randn(1, 1, 64), torch.randn(1, 1, 32)
+    for p in (torch.tensor([5]), torch.tensor([9])):
+        got = op_rope(ctx, Op("rope", 0, (), ()), q, k, p)
+        want = ops.op_rope(ops.OpContext(dims, {}, ops.Rope(cfg, 16), 1e-5, ops.KVCache()),
+                           Op("rope", 0, (), ()), q, k, p)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))

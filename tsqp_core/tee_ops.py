@@ -5,7 +5,10 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar, Mapping
 
+import torch
+
 from tsqp_core import ops
+from tsqp_core.graph import Op
 from tsqp_core.plugins import PluginOptions
 
 
@@ -24,9 +27,52 @@ class TeeOps(ABC):
 
 class TorchTeeOps(TeeOps):
     """The reference torch implementations (RMSNorm, RoPE with Llama-3 scaling, causal
-    fp32 softmax, SiLU*up, grouped-query attention)."""
+    fp32 softmax, SiLU*up, grouped-query attention), with RoPE and a decode step's softmax
+    in fewer torch calls: the same arithmetic in the same order, so the same bits
+    (``tests/test_ops.py``). On a small model each call from Python costs more than its
+    arithmetic, and these two run once per layer in every forward."""
 
     name = "torch"
 
     def implementations(self) -> Mapping[str, ops.OpFn]:
-        return ops.REFERENCE_OPS
+        return {**ops.REFERENCE_OPS, "rope": op_rope, "attn_softmax": op_attn_softmax}
+
+
+def op_rope(ctx: ops.OpContext, op: Op, q: torch.Tensor, k: torch.Tensor, pos: torch.Tensor):
+    """:func:`ops.op_rope` in four torch calls per tensor instead of seven: with ``x`` split
+    in halves ``[x1, x2]``, ``x*cos + rotate_half(x)*sin`` is ``[x1, x2]*[c, c] +
+    [x2, x1]*[-s, s]`` -- each product rounded, then the sum, as transformers rounds it
+    (negating ``s`` is exact)."""
+    cos, sin = _signed_tables(ctx, pos, q.dtype)
+    return _rotated(q, ctx.dims.heads, cos, sin), _rotated(k, ctx.dims.kv_heads, cos, sin)
+
+
+def _signed_tables(ctx: ops.OpContext, pos: torch.Tensor, dtype: torch.dtype
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[T, 2, d/2]`` tables at ``pos``: cos as ``[c, c]``, sin as ``[-s, s]`` (shared by
+    every layer of a forward, like the reference's tables)."""
+    hit = ctx.shared.get(("rope_signed", dtype))
+    if hit is None or hit[0] is not pos:
+        cos, sin = ctx.cos_sin(pos, dtype)  # [T, d], halves equal
+        t, d = cos.shape
+        signs = torch.tensor([[-1.0], [1.0]], dtype=dtype)
+        hit = ctx.shared["rope_signed", dtype] = (
+            pos, cos.view(t, 2, d // 2), sin.view(t, 2, d // 2) * signs)
+    return hit[1], hit[2]
+
+
+def _rotated(x: torch.Tensor, heads: int, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """``x`` ``[B, T, heads*d]`` as ``[B, heads, T, d]``, rotated."""
+    b, t, width = x.shape
+    d = width // heads
+    xh = x.view(b, t, heads, 2, d // 2).transpose(1, 2)  # [B, H, T, 2, d/2]
+    return (xh * cos + xh.flip(-2) * sin).view(b, heads, t, d)
+
+
+def op_attn_softmax(ctx: ops.OpContext, op: Op, s: torch.Tensor):
+    """:func:`ops.op_attn_softmax`; a single query (a decode step) sees every cached key, so
+    there is nothing to mask."""
+    if s.shape[2] != 1:
+        return ops.op_attn_softmax(ctx, op, s)
+    return (torch.softmax(s * ctx.dims.head_dim ** -0.5, dim=-1, dtype=torch.float32)
+            .to(s.dtype),)
