@@ -85,7 +85,7 @@ def test_both_sides_run_their_ops_in_inference_mode(monkeypatch):
     """As the monolithic reference runs transformers: no op on either side is ever
     differentiated, and autograd's bookkeeping would be one more dispatch per op (stage1's
     TEE ops took a fifth longer with it)."""
-    from tsqp_core import ops
+    from tsqp_core import ops, tee_ops
 
     seen: dict[str, list[bool]] = {"tee": [], "gpu": []}
 
@@ -96,8 +96,8 @@ def test_both_sides_run_their_ops_in_inference_mode(monkeypatch):
         return op
 
     monkeypatch.setitem(ops.REFERENCE_OPS, "qkv_proj", spy("gpu", ops.op_qkv_proj))
+    monkeypatch.setattr(tee_ops, "op_rope", spy("tee", tee_ops.op_rope))
     with split_model("stage=stage1") as (model, _):
-        model.impls["rope"] = spy("tee", model.impls["rope"])
         greedy(model, torch.tensor([[5, 9, 2]]), steps=2)
     layers = model.dims.layers
     assert seen == {"tee": [True] * 2 * layers, "gpu": [True] * 2 * layers}

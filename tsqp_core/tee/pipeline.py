@@ -58,6 +58,14 @@ class SplitModel:
         self.check = check or ValueCheck(torch.float32)
         #: Forwards run so far (a call site's ``forward``).
         self.forwards = 0
+        #: Per step, worked out once: the step, its call's wire layout (``None``: a TEE op,
+        #: then its implementation) and the values no later step reads.
+        last_use = schedule.last_use
+        self._plan: list[tuple[Any, CallWire | None, ops.OpFn | None, tuple[str, ...]]] = [
+            (step, self.wires[step.index] if isinstance(step, Call) else None,
+             None if isinstance(step, Call) else self.impls[step.kind],
+             tuple(n for n in step.inputs if last_use.get(n, -1) <= idx))
+            for idx, step in enumerate(schedule.steps)]
 
     def forward(self, ids: torch.Tensor, session: Session, meter: Meter,
                 last_only: bool = False) -> torch.Tensor:
@@ -85,12 +93,11 @@ class SplitModel:
             "ids": ids, "pos": torch.arange(session.past, session.past + tokens)}
         ctx = ops.OpContext(self.dims, self.weights, self.rope, self.eps, session.cache, last_only)
         call_sizes = sizes(batch, tokens, session.past, last_only)
-        last_use, protection = self.schedule.last_use, self.protection
-        check = self.check
-        for idx, step in enumerate(self.schedule.steps):
-            if isinstance(step, Call):
-                site = CallSite(step, self.wires[step.index], session.id, self.forwards,
-                                session.past, batch, tokens, last_only, call_sizes)
+        protection, check, forwards = self.protection, self.check, self.forwards
+        for step, wire, impl, drops in self._plan:
+            if wire is not None:
+                site = CallSite(step, wire, session.id, forwards, session.past, batch, tokens,
+                                last_only, call_sizes)
                 t0 = now_ns()
                 sealed = protection.seal(site, {n: env[n] for n in step.inputs})
                 t1 = now_ns()
@@ -105,11 +112,11 @@ class SplitModel:
                 meter.serialize("value_check", now_ns() - t3)
             else:
                 t0 = now_ns()
-                ops.run_op(self.impls, ctx, step, env)
+                for n, value in zip(step.outputs, impl(ctx, step, *[env[n] for n in step.inputs])):
+                    env[n] = value
                 meter.add("tee_compute", now_ns() - t0)
-            for n in step.inputs:
-                if last_use.get(n, -1) <= idx:
-                    env.pop(n, None)
+            for n in drops:
+                env.pop(n, None)
         session.past += tokens
         return env[RESULT]
 
