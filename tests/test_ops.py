@@ -32,10 +32,11 @@ def test_rope_tables_match_transformers(rope):
     torch.testing.assert_close(s, sin[0], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("hidden,scale", [(96, 3.0), (576, 1e-3), (2048, 40.0)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden,scale", [(64, 300.0), (96, 3.0), (576, 1e-3), (2048, 40.0)])
 def test_rms_norm_matches_transformers(dtype, hidden, scale):
-    """Bit for bit, fp32 (torch's one-call rms_norm on the CPU) and bf16 (spelled out)."""
+    """Bit for bit in every dtype: on the CPU through torch's one-call rms_norm in fp32 (with
+    the weight when all is fp32, else cast and scaled after it, as transformers does)."""
     gen = torch.Generator().manual_seed(hidden)
     norm = LlamaRMSNorm(hidden, eps=1e-5)
     norm.weight.data = (1 + 0.1 * torch.randn(hidden, generator=gen)).to(dtype)

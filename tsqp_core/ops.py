@@ -205,12 +205,15 @@ class OpContext:
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' ``LlamaRMSNorm``: normalised in fp32, cast back, then scaled.
 
-    An fp32 tensor and weight on the CPU take ``F.rms_norm``: the same arithmetic in one call
-    from Python instead of six (bit-identical here, ``tests/test_ops.py``; it runs once or
-    twice per layer on each side, and on a small model every dispatch shows). Elsewhere --
-    other dtypes, devices whose kernel may round differently -- the ops are spelled out."""
-    if x.dtype is torch.float32 and weight.dtype is torch.float32 and x.is_cpu:
-        return F.rms_norm(x, (x.shape[-1],), weight, eps)
+    On the CPU the fp32 part is ``F.rms_norm``: the same arithmetic in one call from Python
+    instead of five (bit-identical here, ``tests/test_ops.py``; it runs once or twice per
+    layer on each side, and on a small model every dispatch shows) -- with the weight when
+    everything is fp32, else without it, then cast and scaled in ``dtype`` as transformers
+    does. Elsewhere -- devices whose kernel may round differently -- the ops are spelled out."""
+    if x.is_cpu:
+        if x.dtype is torch.float32 and weight.dtype is torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), weight, eps)
+        return weight * F.rms_norm(x.to(torch.float32), (x.shape[-1],), None, eps).to(x.dtype)
     dtype = x.dtype
     h = x.to(torch.float32)
     h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
