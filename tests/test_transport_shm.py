@@ -79,6 +79,14 @@ def served(request):
     s.close()
 
 
+def test_both_paths_take_frames_of_any_shape(served):
+    """The contract's any-buffer frames (numpy arrays of any shape, zero-sized ones
+    included) on the C path and on the Python one, which the contract suite does not pick."""
+    from tsqp_core.testing.transport_contract import test_frames_are_any_contiguous_buffers
+
+    test_frames_are_any_contiguous_buffers(served.client)
+
+
 def test_options_are_validated():
     with pytest.raises(PluginError, match="arena_bytes"):
         make(arena_bytes=10)

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 import msgpack
+import numpy
 import pytest
 import torch
 
@@ -125,6 +126,23 @@ def test_round_trip_keeps_dtype_shape_and_bits(client, dtype):
 def test_empty_and_one_element_tensors(client, shape):
     sent = {"a": torch.full(shape, 7.5), "b": torch.ones(shape, dtype=torch.int64)}
     assert_same(call(client, sent).tensors, sent)
+
+
+def test_frames_are_any_contiguous_buffers(client):
+    """A call's tensors leave as numpy arrays of their own shape and dtype
+    (:func:`codec.tensor_frames`), not flat bytes: a transport takes any C-contiguous buffer
+    and carries its bytes (``memoryview(frame).cast("B")``; ``len(frame)`` is not its size)."""
+    sent = {"a": torch.randn(3, 5, 7), "b": torch.randn(2, 9).to(torch.bfloat16),
+            "c": torch.tensor(4.25), "d": torch.arange(6, dtype=torch.int64).view(2, 3),
+            "e": torch.empty(0, 4)}
+    buffers = [codec.tensor_array(t) for t in sent.values()]
+    buffers[-1] = numpy.empty((0, 4), numpy.float32)  # zero-sized, not flat
+    req_id = next(_ids)
+    frames = codec.pack({"id": req_id}, codec.describe(sent), buffers)
+    assert any(memoryview(f).ndim > 1 for f in frames[1:])
+    reply = codec.decode(client.request(frames, 30), copy=True)
+    assert reply.header["id"] == req_id and reply.header["ok"] is True, reply.header
+    assert_same(reply.tensors, sent)
 
 
 def test_a_64_mb_tensor(client):

@@ -244,6 +244,8 @@ def _table(n: int) -> struct.Struct:
 def _flat(frame: Any) -> memoryview:
     view = memoryview(frame)
     if view.ndim != 1 or view.format != "B":
+        if view.nbytes == 0:  # memoryview cannot cast a shape with a zero in it
+            return memoryview(b"")
         try:
             view = view.cast("B")
         except TypeError:
