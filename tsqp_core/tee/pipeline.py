@@ -72,7 +72,8 @@ class SplitModel:
         """Logits for ``ids`` ``[B, T]`` following ``session.past`` cached positions.
 
         Runs in ``torch.inference_mode``, as the monolithic reference does: no op on this
-        side is ever differentiated, and autograd's bookkeeping is a dispatch per op."""
+        side is ever differentiated, and autograd's bookkeeping is a dispatch per op. The
+        logits are an inference tensor: read them, or ``clone()`` them to change in place."""
         with torch.inference_mode():
             return self._forward(ids, session, meter, last_only)
 
