@@ -247,6 +247,12 @@ def test_requests_are_limited_before_and_after_hello(server, model_dir, schedule
     msg = reply(server, codec.encode(Message({"m": "ping", "id": 6},
                                              {"x": torch.zeros(limit, dtype=torch.uint8)})), A)
     assert_error(msg, "the largest call of its plans")
+    # a call frame is held to its plan's layout frame by frame, before any tensor is made
+    frames = call_frames(plan_id, 0, {"ids": IDS}, req_id=9)
+    for huge in ([*frames[:-1], bytes(limit)], [*frames, *[b"x"] * 100_000]):
+        msg = reply(server, huge, A)
+        assert_error(msg, "ids" if len(huge) == len(frames) else "expected 1 tensors")
+        assert msg.header["id"] == 9
     assert embed_call(server, plan_id, IDS, A).header["ok"]
 
 

@@ -185,6 +185,17 @@ class GpuServer:
         try:
             t0 = now_ns()
             client = self._clients.get(peer)
+            if client is not None and frames and protocol.is_call_frame(frames[0]):
+                # a call of a client with plans: its header has a fixed size and each tensor
+                # frame must hold exactly what the plan's layout says (read before anything
+                # else), so the total needs no sum of its own
+                try:
+                    req_id, call = CallRequest.parse(frames[0])
+                except ProtocolError:
+                    req_id = _peek_id(frames)
+                    raise
+                client.last_seen = time.monotonic()
+                return self._call(client, req_id, call, frames[1:], now_ns() - t0, reserve)
             size = sum(memoryview(f).nbytes for f in frames)
             limit = client.limit if client else protocol.PRE_HELLO_BYTES
             if size > limit:
@@ -201,10 +212,8 @@ class GpuServer:
             msg = req.message
             if client is not None:
                 client.last_seen = time.monotonic()
-            if isinstance(msg, CallRequest):
-                if client is None:
-                    raise RequestError("unknown plan: send hello first")
-                return self._call(client, req_id, msg, req.frames, now_ns() - t0, reserve)
+            if isinstance(msg, CallRequest):  # (a client with plans took the path above)
+                raise RequestError("unknown plan: send hello first")
             if isinstance(msg, Hello):
                 header = self._hello(peer, msg).header()
                 if self.tamper is not None:
