@@ -4,9 +4,10 @@ A transport knows nothing of tensors or methods; :mod:`tsqp_core.codec` turns me
 frames (``[header, *buffers]``) and back. The contract every transport honours, and that
 the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each registered one:
 
-* **Frames are buffers.** Any C-contiguous object with the buffer protocol: a call's tensors
-  go as numpy arrays of their own shape and dtype (:func:`codec.tensor_frames`), zero-sized
-  ones too; a frame's size is ``memoryview(frame).nbytes``, never ``len(frame)``.
+* **Frames are buffers.** Any C-contiguous object with the buffer protocol, of any shape
+  (zero-sized ones too): a call's tensors go as numpy arrays of their own shape and dtype
+  (:func:`codec.tensor_frames`); a frame's size is ``memoryview(frame).nbytes``, never
+  ``len(frame)``.
 * **One outstanding request per client.** ``ClientChannel.request`` sends frames and blocks
   until the reply frames arrive, the timeout passes (:class:`PeerTimeout`) or the peer is known
   dead (:class:`PeerDead`). A reply whose request id does not match is never returned.
