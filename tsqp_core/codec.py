@@ -169,15 +169,15 @@ def tensor_frames(values: Collection[torch.Tensor], nbytes: int,
     where the transport lends its memory (``reserve``, a channel's), is copied straight into
     it -- whatever its strides, from whatever device (the one device-to-host copy), large
     ones by torch on every thread -- and the transport copies only the header."""
-    if reserve is not None and (nbytes > SMALL_COPY or not all(
-            t.is_cpu and t.is_contiguous() for t in values)):
+    host = all(t.is_cpu and t.is_contiguous() for t in values)
+    if reserve is not None and (nbytes > SMALL_COPY or not host):
         buffers = reserve([t.numel() * t.element_size() for t in values])
         if buffers is not None:
             for t, buf in zip(values, buffers):
                 place(t, buf)
             return buffers, nbytes
-    copied = sum(t.numel() * t.element_size() for t in values
-                 if not (t.is_cpu and t.is_contiguous()))
+    copied = 0 if host else sum(t.numel() * t.element_size() for t in values
+                                if not (t.is_cpu and t.is_contiguous()))
     return [tensor_array(t) for t in values], copied
 
 

@@ -33,9 +33,10 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
   copy -- large messages, strided values, device tensors (:func:`codec.tensor_frames`); a
   small message of host tensors it hands over as views, for the transport's own copy. Either
   way each tensor is copied once per direction (``tests/test_copies.py`` counts the bytes);
-  ``None`` (the default) means "copy as usual". The other way, ``ClientChannel.request_into`` lets a client that
-  knows the reply's sizes hand over its own buffers: a borrowed reply is copied straight into
-  them, once, instead of lent and then copied.
+  ``None`` (the default) means "copy as usual". The other way,
+  ``ClientChannel.request_into`` lets a client that knows the reply's sizes hand over its
+  own buffers: a borrowed reply is copied straight into them, once, instead of lent and
+  then copied.
 * **Settled for the machine.** ``Transport.fit(ThreadBudget)`` is called once before a run
   starts, so options marked automatic (shm's spin) can follow the run's threads and cores.
 * **Too large is an error, never a fallback.** A message the channel cannot carry raises
@@ -144,8 +145,8 @@ class ServerChannel(ABC):
         frames of the reply to the request last returned by :meth:`recv` -- or ``None``
         where the transport has no such memory (the default). The server writes each output
         of a reply it is asked for straight into its buffer; ``send([header, *buffers])``
-        with those very objects then commits them without copying them again. Raises :class:`MessageTooLarge` when they
-        cannot fit."""
+        with those very objects then commits them without copying them again. Raises
+        :class:`MessageTooLarge` when they cannot fit."""
         return None
 
     def departed(self) -> list[Peer]:
