@@ -5,6 +5,7 @@ Nothing here asserts a timing: only that the numbers are there, consistent and r
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -103,6 +104,44 @@ def test_every_reference_run_gets_a_ratio(run_tiny):
     assert "bench" not in res
     plain = run_tiny("transport=inproc", "workload=prefill", "workload.prompt_tokens=8")
     assert plain["reference"] is None and "ratio" not in plain
+
+
+@pytest.mark.parametrize("interleave", [True, False])
+def test_split_and_monolithic_repeats_take_turns(run_tiny, monkeypatch, interleave):
+    """Interleaved (the default), each pair runs both sides, the split first in every other
+    one (ABBA), warm-up pairs included; otherwise every split repeat, then every monolithic
+    one, after the GPU side has stopped."""
+    import tsqp_core.run as run
+    from tsqp_core.reference import Reference
+    from tsqp_core.run import bench
+
+    order: list[str] = []
+    split_generate, mono_generate = bench.generate, Reference.generate
+    monkeypatch.setattr(bench, "generate", lambda *a, **k: (order.append("split"),
+                                                             split_generate(*a, **k))[1])
+    monkeypatch.setattr(Reference, "generate", lambda *a, **k: (order.append("mono"),
+                                                                mono_generate(*a, **k))[1])
+    real_connect = run.connect
+
+    @contextlib.contextmanager
+    def watched(*args, **kwargs):
+        with real_connect(*args, **kwargs) as conn:
+            yield conn
+        order.append("stop")  # the GPU side is stopped
+
+    monkeypatch.setattr(run, "connect", watched)
+    res = run_tiny("transport=inproc", "workload=bench", "workload.prompt_tokens=6",
+                   "workload.new_tokens=2", "workload.warmup=1", "workload.repeats=3",
+                   f"workload.interleave={str(interleave).lower()}")
+    if interleave:
+        assert order == ["split", "mono", "mono", "split", "split", "mono", "mono", "split",
+                         "stop"]
+    else:
+        assert order == ["split"] * 4 + ["stop"] + ["mono"] * 4
+    ref = res["reference"]
+    assert ref["interleaved"] is interleave and res["workload"]["interleave"] is interleave
+    assert len(ref["latency_ms"]["repeats_tpot"]) == len(res["latency_ms"]["repeats_tpot"]) == 3
+    assert ref["tokens_match"] is True
 
 
 def test_report_from_results(run_tiny, tmp_path):

@@ -39,6 +39,11 @@ class Workload(Strict):
     repeats: int = Field(1, ge=1)
     temperature: float = Field(0.0, ge=0.0)
     top_p: float = Field(1.0, gt=0.0, le=1.0)
+    #: With a reference: time the split and the monolithic model repeat by repeat in turn
+    #: (ABBA), both models loaded at once, so that a drift over seconds (a GPU's clocks)
+    #: slows both sides of a pair. Default: every split repeat, then the GPU side stops and
+    #: the monolithic ones run with the machine to themselves.
+    interleave: bool = False
 
 
 class Threads(Strict):

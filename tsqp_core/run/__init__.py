@@ -6,7 +6,8 @@ side is always stopped at the end (:mod:`.connect`). Workloads: ``prefill`` (one
 full logits: the seed's benchmark), ``generate`` (prefill + decode with a KV cache) and
 ``bench`` (split against monolithic in one run: prefill of ``prompt_tokens`` seeded random
 ids, then ``new_tokens`` decode steps, timed for the split pipeline and then for transformers
-on the same weights, dtype and ``threads.tee``; see :mod:`.bench` and :mod:`.results`).
+on the same weights, dtype and ``threads.tee`` -- or both in turn, repeat by repeat, with
+``workload.interleave``; see :mod:`.bench` and :mod:`.results`).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 import torch
 
 from tsqp_core.config import RunConfig
-from tsqp_core.run.bench import compare, measure
+from tsqp_core.run.bench import Monolithic, measure
 from tsqp_core.run.connect import Connected, connect
 from tsqp_core.run.prepare import InputError, Prepared, prepare
 from tsqp_core.run.results import (SCHEMA, add_ratios, build, check_reference,
@@ -31,14 +32,22 @@ __all__ = ["SCHEMA", "Connected", "InputError", "Prepared", "connect", "prepare"
 def run(cfg: RunConfig, outdir: Path) -> dict[str, Any]:
     p = prepare(cfg)
     torch.set_num_threads(cfg.threads.tee)
+    compared = cfg.reference or cfg.workload.kind == "bench"
+    interleaved = compared and cfg.workload.interleave
+    mono: Monolithic | None = None
     with connect(p) as conn:
-        measured = measure(p, conn.model)
-    server = conn.hello.server
+        server = conn.hello.server
+        if interleaved:  # loaded before the first repeat; each side in turn with the other
+            mono = Monolithic(p, server)
+        measured = measure(p, conn.model, mono)
     result = build(p, measured, server)
-    if cfg.reference or cfg.workload.kind == "bench":
-        # The GPU side is stopped by now: the monolithic model has the TEE process's threads
-        # (threads.tee) to itself, as the split run's TEE side had.
-        result["reference"] = compare(p, measured.outputs, server)
+    if compared:
+        if mono is None:
+            # The GPU side is stopped by now: the monolithic model has the TEE process's
+            # threads (threads.tee) to itself, as the split run's TEE side had.
+            mono = Monolithic(p, server)
+            mono.run_all(measured.outputs)
+        result["reference"] = mono.section(measured.outputs, interleaved)
         check_reference(result["reference"], reference_tolerance(p))
         add_ratios(result)
     else:

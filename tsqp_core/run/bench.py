@@ -1,9 +1,16 @@
-"""Timing a workload: the split pipeline, then the monolithic model on the same weights.
+"""Timing a workload: the split pipeline and the monolithic model on the same weights.
 
 Warm-up repeats are never counted; reported times are medians. Each repeat gets a fresh
 :class:`~tsqp_core.metrics.Meter` (the run's, passed in); the breakdown reported is the
 median repeat's. The protection scheme's precompute runs before each repeat's timer starts
 and is reported as ``offline``.
+
+Every split repeat runs first; then the GPU side stops and the monolithic repeats run with
+the machine to themselves. With ``workload.interleave`` the two take turns repeat by repeat
+in ABBA order (split then monolithic, then monolithic then split, ...), both models loaded
+at once: a drift over seconds (a GPU's clocks, a neighbour's job) then slows both members
+of a pair, each side runs first as often as second, and the per-repeat ratios
+(``ratio_spread``) compare runs moments apart.
 """
 
 from __future__ import annotations
@@ -70,7 +77,9 @@ class Measured:
     forward_shapes: list[ForwardShape]
 
 
-def measure(p: Prepared, model: SplitModel) -> Measured:
+def measure(p: Prepared, model: SplitModel, mono: "Monolithic | None" = None) -> Measured:
+    """Time the split run's repeats; with ``mono``, the monolithic model's in turn with
+    them (ABBA: each side first in every other pair)."""
     cfg, w = p.cfg, p.cfg.workload
     totals: list[int] = []
     ttfts: list[int] = []
@@ -79,8 +88,11 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
     meters: list[ForwardMeter] = []
     outputs: Any = None
     shapes = forward_shapes(p)
-    bar = _progress(w.warmup + w.repeats, f"{cfg.stage or 'run'} {w.kind} split")
+    bar = _progress(w.warmup + w.repeats, f"{cfg.stage or 'run'} {w.kind} split"
+                    + (" and monolithic" if mono is not None else ""))
     for i in range(w.warmup + w.repeats):
+        if mono is not None and i % 2 == 1:  # the pair's monolithic repeat first
+            mono.repeat(outputs, timed=i >= w.warmup)
         t0 = now_ns()
         p.protection.precompute(shapes)
         t_offline = now_ns() - t0
@@ -99,6 +111,8 @@ def measure(p: Prepared, model: SplitModel) -> Measured:
             total = now_ns() - t0
             outputs, ttft = gen, gen.ttft_ns
             tpot = median([float(x) for x in gen.step_ns])
+        if mono is not None and i % 2 == 0:
+            mono.repeat(outputs, timed=i >= w.warmup)
         bar.update()
         if i < w.warmup:
             continue
@@ -131,60 +145,93 @@ def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).abs().max()) if a.numel() else 0.0
 
 
-def compare(p: Prepared, outputs: Any, server: dict[str, Any]) -> dict[str, Any]:
-    """Run transformers on the same weights, dtype and threads; compare and time it.
+class Monolithic:
+    """transformers on the same weights, dtype and threads (``threads.tee``), timed repeat by
+    repeat: the ratio's denominator and the correctness check.
 
     A compiled reference is timed, but the logits and tokens are checked against one more,
     untimed, run of the eager one: compiled bf16 rounds differently (its static cache masks
     a padded attention), enough to flip the random tiny model's near-ties, and the check is
     about the split, not about the compiler."""
-    from tsqp_core.reference import Reference, attention_kernel
 
-    w = p.cfg.workload
-    kernel = attention_kernel(server.get("attention", "eager"), p.partition.gpu_ops())
-    try:  # the GPU side's device, when this host has it (a remote server's may not be here)
-        device = resolve_device(p.cfg.device)
-    except ConfigError:
-        device = torch.device("cpu")
-    ref = Reference(p.model_dir, p.cfg.torch_dtype, kernel, device,
-                    compile=reference_compiled(p, server))
-    new_tokens = len(outputs.tokens[0]) if w.kind != "prefill" else 0
-    ref.warm(p.prompt, new_tokens, generate=w.kind != "prefill")  # compiles; never timed
-    totals, ttfts, tpots = [], [], []
-    bar = _progress(w.warmup + w.repeats, f"{p.cfg.stage or 'run'} {w.kind} monolithic")
-    last: Any = None
-    for i in range(w.warmup + w.repeats):
-        ttft, tpot, ns, last = _reference_run(ref, p.prompt, w.kind, new_tokens)
-        bar.update()
-        if i >= w.warmup:
-            totals.append(ns)
-            ttfts.append(ttft)
+    def __init__(self, p: Prepared, server: dict[str, Any]) -> None:
+        from tsqp_core.reference import Reference, attention_kernel
+
+        self.p = p
+        self.kernel = attention_kernel(server.get("attention", "eager"),
+                                       p.partition.gpu_ops())
+        try:  # the GPU side's device, when this host has it (a remote server's may not be)
+            self.device = resolve_device(p.cfg.device)
+        except ConfigError:
+            self.device = torch.device("cpu")
+        self.ref = Reference(p.model_dir, p.cfg.torch_dtype, self.kernel, self.device,
+                             compile=reference_compiled(p, server))
+        self.totals: list[int] = []
+        self.ttfts: list[int] = []
+        self.tpots: list[float] = []
+        self.last: Any = None
+        self._warm = False
+
+    def _new_tokens(self, outputs: Any) -> int:
+        """The decode steps the split run took (it may stop early at a stop token)."""
+        return len(outputs.tokens[0]) if self.p.cfg.workload.kind != "prefill" else 0
+
+    def repeat(self, outputs: Any, timed: bool) -> None:
+        """One run of the workload, as long as the split run's ``outputs``; a compiled
+        reference compiles first (never timed)."""
+        w, new_tokens = self.p.cfg.workload, self._new_tokens(outputs)
+        if not self._warm:
+            self.ref.warm(self.p.prompt, new_tokens, generate=w.kind != "prefill")
+            self._warm = True
+        ttft, tpot, ns, self.last = _reference_run(self.ref, self.p.prompt, w.kind, new_tokens)
+        if timed:
+            self.totals.append(ns)
+            self.ttfts.append(ttft)
             if tpot is not None:
-                tpots.append(tpot)
-    bar.close()
-    check = ref
-    if ref.compiled:
+                self.tpots.append(tpot)
+
+    def run_all(self, outputs: Any) -> None:
+        """Every repeat (warm-up first), one after the other."""
+        w = self.p.cfg.workload
+        bar = _progress(w.warmup + w.repeats,
+                        f"{self.p.cfg.stage or 'run'} {w.kind} monolithic")
+        for i in range(w.warmup + w.repeats):
+            self.repeat(outputs, timed=i >= w.warmup)
+            bar.update()
+        bar.close()
+
+    def section(self, outputs: Any, interleaved: bool) -> dict[str, Any]:
+        """The ``reference`` section of results: its times and its agreement with the split
+        run's ``outputs``."""
+        from tsqp_core.reference import Reference
+
+        w, ref, last = self.p.cfg.workload, self.ref, self.last
         impl, compiled, compile_ms = ref.impl, ref.compiled, ref.compile_ms
-        del ref
-        check = Reference(p.model_dir, p.cfg.torch_dtype, kernel, device)
-        last = _reference_run(check, p.prompt, w.kind, new_tokens)[3]
-    else:
-        impl, compiled, compile_ms = ref.impl, False, None
-    diff, tokens_match = _agreement(outputs, last, w.kind)
-    finite = math.isfinite(diff)
-    tokens_match = tokens_match and finite  # a non-finite logit is never a match
-    return {"impl": impl, "compiled": compiled, "compile_ms": compile_ms,
-            "checked_against": check.impl,
-            "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
-                           "tpot": (median(tpots) / 1e6) if tpots else None,
-                           "repeats_total": [t / 1e6 for t in totals],
-                           "repeats_ttft": [t / 1e6 for t in ttfts],
-                           "repeats_tpot": [t / 1e6 for t in tpots]},
-            # JSON has no NaN or Infinity: a non-finite difference is null, and says why
-            "max_abs_logit_diff": diff if finite else None,
-            **({} if finite else {"mismatch": "non-finite logits (NaN or Inf) on one side"}),
-            "tokens_match": tokens_match,
-            "reference_tokens": last.tokens if w.kind != "prefill" else None}
+        check = ref
+        if compiled:
+            del ref, check
+            self.ref = None  # type: ignore[assignment]  # the compiled one goes first
+            check = Reference(self.p.model_dir, self.p.cfg.torch_dtype, self.kernel,
+                              self.device)
+            last = _reference_run(check, self.p.prompt, w.kind, self._new_tokens(outputs))[3]
+        diff, tokens_match = _agreement(outputs, last, w.kind)
+        finite = math.isfinite(diff)
+        tokens_match = tokens_match and finite  # a non-finite logit is never a match
+        totals, ttfts, tpots = self.totals, self.ttfts, self.tpots
+        return {"impl": impl, "compiled": compiled, "compile_ms": compile_ms,
+                "checked_against": check.impl,
+                # timed in turn with the split run's repeats, or after them
+                "interleaved": interleaved,
+                "latency_ms": {"total": median(totals) / 1e6, "ttft": median(ttfts) / 1e6,
+                               "tpot": (median(tpots) / 1e6) if tpots else None,
+                               "repeats_total": [t / 1e6 for t in totals],
+                               "repeats_ttft": [t / 1e6 for t in ttfts],
+                               "repeats_tpot": [t / 1e6 for t in tpots]},
+                # JSON has no NaN or Infinity: a non-finite difference is null, and says why
+                "max_abs_logit_diff": diff if finite else None,
+                **({} if finite else {"mismatch": "non-finite logits (NaN or Inf) on one side"}),
+                "tokens_match": tokens_match,
+                "reference_tokens": last.tokens if w.kind != "prefill" else None}
 
 
 def _reference_run(ref: Any, prompt: torch.Tensor, kind: str,

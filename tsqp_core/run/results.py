@@ -49,7 +49,7 @@ def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
         "model": p.model_info,
         "workload": {"kind": w.kind, "batch": w.batch, "prompt_tokens": int(p.prompt.shape[1]),
                      "new_tokens": w.new_tokens if w.kind in ("generate", "bench") else 0,
-                     "warmup": w.warmup, "repeats": w.repeats},
+                     "warmup": w.warmup, "repeats": w.repeats, "interleave": w.interleave},
         "rpc": {"calls_per_forward": len(p.schedule.calls), **rpc, "per_forward": per_forward},
         "latency_ms": {"total": m.totals[mid] / 1e6, "ttft": median(m.ttfts) / 1e6,
                        "tpot": (median(m.tpots) / 1e6) if m.tpots else None,
