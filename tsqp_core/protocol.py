@@ -359,12 +359,12 @@ class CallRequest(NamedTuple):
     @classmethod
     def parse(cls, frame: Any) -> tuple[int, "CallRequest"]:
         """The request id and the call of a call header; anything else is refused."""
-        view = memoryview(frame)
-        if view.nbytes != CALL_REQUEST.size:
+        try:  # a header of any other size raises
+            (tag, kind, flags, call, req_id, plan, session, past, batch,
+             tokens) = CALL_REQUEST.unpack(frame)
+        except (struct.error, TypeError, ValueError, BufferError):
             raise ProtocolError(f"a call header has {CALL_REQUEST.size} bytes, got "
-                                f"{view.nbytes}")
-        (tag, kind, flags, call, req_id, plan, session, past, batch,
-         tokens) = CALL_REQUEST.unpack(view)
+                                f"{memoryview(frame).nbytes}") from None
         if tag != CALL_TAG or kind != _KIND_REQUEST:
             raise ProtocolError("not a call request header")
         if flags > 1:
@@ -396,14 +396,17 @@ class CallReply(NamedTuple):
         parts cannot add up to more than that."""
         if not frames:
             raise ProtocolError("empty reply")
-        head = memoryview(frames[0])
-        if not is_call_frame(head):
-            check_reply(codec.decode(frames), req_id)  # an error raises; ok is still wrong
-            raise ProtocolError("a call's reply must be a call frame")
-        if head.nbytes != CALL_REPLY.size:
+        try:  # the usual case first: a header of exactly its size (any other size raises)
+            tag, kind, got, *t = CALL_REPLY.unpack(frames[0])
+        except (struct.error, TypeError, ValueError, BufferError):  # the checks below say why
+            tag = kind = None
+        if tag != CALL_TAG:  # msgpack (an error reply) never starts with the tag
+            head = memoryview(frames[0])
+            if not is_call_frame(head):
+                check_reply(codec.decode(frames), req_id)  # an error raises; ok is still wrong
+                raise ProtocolError("a call's reply must be a call frame")
             raise ProtocolError(f"a call reply header has {CALL_REPLY.size} bytes, got "
                                 f"{head.nbytes}")
-        tag, kind, got, *t = CALL_REPLY.unpack(head)
         if kind != _KIND_REPLY:
             raise ProtocolError("not a call reply header")
         if got != req_id:

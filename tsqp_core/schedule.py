@@ -11,6 +11,7 @@ grouping (``Executor.grouping``), and so can its config (``executor.grouping``).
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
@@ -31,7 +32,7 @@ class Call:
     inputs: tuple[str, ...]
     outputs: tuple[str, ...]
 
-    @property
+    @functools.cached_property  # read several times on every call
     def method(self) -> str:
         """The name calls are reported under: the op kind, or ``first..last`` of a run."""
         first, last = self.ops[0].kind, self.ops[-1].kind

@@ -155,9 +155,11 @@ class RemoteGpu:
             t1 = now_ns()
             reply = self.channel.request(frames, self.timeout)
         t2 = now_ns()
-        # the size of what arrived, before anything reads it (taken: the tensors' are ours)
-        self._check_size(reply, call.method,
-                         memoryview(reply[0]).nbytes + received if into else None)
+        # the size of what arrived, before anything reads it -- unless the transport took
+        # the reply into our buffers: only a reply of the plan's sizes is taken, and the
+        # header must have its exact size to parse
+        if not into:
+            self._check_size(reply, call.method)
         try:
             timings = CallReply.parse(reply, req_id, t2 - t1)
             if into:
@@ -180,4 +182,9 @@ class RemoteGpu:
 def _taken(reply: list[Any], buffers: list[Any]) -> bool:
     """Whether the transport copied the reply's tensor frames into ``buffers`` (it returns
     those very objects then; it does so only where every size matched)."""
-    return len(reply) == len(buffers) + 1 and all(r is b for r, b in zip(reply[1:], buffers))
+    if len(reply) != len(buffers) + 1:
+        return False
+    for r, b in zip(reply[1:], buffers):
+        if r is not b:
+            return False
+    return True
