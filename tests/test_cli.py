@@ -28,6 +28,8 @@ def test_stage0_prefill_done_when(tmp_path):
     assert res["rpc"]["calls_per_forward"] == 98
     assert res["reference"]["max_abs_logit_diff"] <= 1e-4
     assert "98 calls/forward" in out and "breakdown:" in out
+    # set before torch loads, unless the caller chose (huge pages for large buffers)
+    assert res["host"]["thp_mem_alloc_enable"] == os.environ.get("THP_MEM_ALLOC_ENABLE", "1")
 
 
 @pytest.mark.slow

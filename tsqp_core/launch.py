@@ -139,6 +139,7 @@ def gpu_side(spec: ServerSpec, *, in_process: bool, external: str | None,
             channel.close()
         return
     env = dict(os.environ, OMP_WAIT_POLICY=os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
+               THP_MEM_ALLOC_ENABLE=os.environ.get("THP_MEM_ALLOC_ENABLE", "1"),
                OMP_NUM_THREADS=str(spec.threads))
     with spawn_ready([sys.executable, "-m", "tsqp_core", "_child", spec.to_json()], env,
                      startup_timeout, "GPU server") as (address, watchdog, proc):

@@ -311,7 +311,8 @@ def to_markdown(table: list[dict[str, Any]], runs: list[Run], root: Path,
     h = (runs[0].result.get("host") or {}) if runs else {}
     if h:
         lines += [f"Machine: {h.get('cpus')} CPUs ({h.get('machine')}), {h.get('platform')}, "
-                  f"torch {h.get('torch')}, OMP_WAIT_POLICY={h.get('omp_wait_policy')}.", ""]
+                  f"torch {h.get('torch')}, OMP_WAIT_POLICY={h.get('omp_wait_policy')}, "
+                  f"THP_MEM_ALLOC_ENABLE={h.get('thp_mem_alloc_enable')}.", ""]
     if failures:
         jobs = len({r.path for r in runs} | {f.path for f in failures})
         lines += [f"**{len(failures)} of {jobs} jobs failed** (listed at the end).", ""]

@@ -24,7 +24,8 @@ def host() -> dict[str, Any]:
     return {"platform": platform.platform(), "machine": platform.machine(),
             "cpus": os.cpu_count(), "python": platform.python_version(),
             "torch": torch.__version__,
-            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
+            "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
+            "thp_mem_alloc_enable": os.environ.get("THP_MEM_ALLOC_ENABLE")}
 
 
 def build(p: Prepared, m: Measured, server: dict[str, Any]) -> dict[str, Any]:
