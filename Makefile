@@ -12,7 +12,7 @@ export TRANSFORMERS_OFFLINE := 1
 setup: $(STAMP)
 
 # the C sources too: a changed one is rebuilt (editable installs do not rebuild extensions)
-$(STAMP): pyproject.toml setup.py tsqp_core/tee/_bounds.c plugins/*/pyproject.toml \
+$(STAMP): pyproject.toml setup.py $(wildcard tsqp_core/tee/*.c) plugins/*/pyproject.toml \
 		$(wildcard plugins/*/setup.py plugins/*/*/*.c) Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip

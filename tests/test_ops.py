@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from transformers import LlamaConfig
@@ -131,15 +133,32 @@ ALL_ROPES = ROPES + [
 ]
 
 
+@pytest.fixture(params=["c", "torch"])
+def rope_path(request, monkeypatch):
+    """The TEE ops' RoPE in C (``tee/_rope.c``, counted) or in torch (C taken away)."""
+    from tsqp_core import tee_ops
+
+    if request.param == "torch":
+        monkeypatch.setattr(tee_ops, "_rope", None)
+        return None
+    if tee_ops._rope is None:
+        pytest.skip("tsqp_core.tee._rope was not built")
+    calls = []
+    real = tee_ops._rope.rope
+    monkeypatch.setattr(tee_ops, "_rope", type("Counted", (), {
+        "rope": staticmethod(lambda *a: (calls.append(a), real(*a))[1])}))
+    return calls
+
+
 @pytest.mark.parametrize("rope", ALL_ROPES, ids=["default", "llama3", "linear", "dynamic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("batch,tokens,heads,kv_heads,head_dim",
                          [(1, 1, 4, 2, 16), (2, 5, 4, 4, 8), (1, 17, 6, 2, 64), (3, 2, 2, 1, 4)])
 def test_tee_rope_and_softmax_give_the_reference_bits(rope, dtype, batch, tokens, heads,
-                                                      kv_heads, head_dim):
-    """:class:`TorchTeeOps`' RoPE and softmax against the reference ops, bit for bit, at
-    prefill and decode shapes, grouped and plain attention, every RoPE type (dynamic past
-    its context too), both dtypes, values spanning magnitudes."""
+                                                      kv_heads, head_dim, rope_path):
+    """:class:`TorchTeeOps`' RoPE (in C and in torch) and softmax against the reference
+    ops, bit for bit, at prefill and decode shapes, grouped and plain attention, every RoPE
+    type (dynamic past its context too), both dtypes, values spanning magnitudes."""
     from tsqp_core.tee_ops import TorchTeeOps
 
     impls = TorchTeeOps(None).implementations()
@@ -163,6 +182,72 @@ def test_tee_rope_and_softmax_give_the_reference_bits(rope, dtype, batch, tokens
         for a, b in zip(got, want):
             assert a.shape == b.shape and a.dtype == b.dtype
             assert torch.equal(a, b)
+    if rope_path is not None:  # the C path ran: two layers, three offsets
+        assert len(rope_path) == 6
+
+
+def test_tee_rope_takes_torch_where_c_may_not_read(rope_path):
+    """Strided, mismatched or large inputs go to torch's path -- C reads raw memory, so
+    nothing it is given can be larger than what it is told -- with the same bits."""
+    from tsqp_core.tee_ops import ROPE_C_MAX, op_rope
+
+    if rope_path is None:
+        pytest.skip("the C path's own test")
+    cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                      rope_parameters=ROPES[1])
+    dims = Dims(1, 64, 4, 2, 16, 160, 10, 4096)
+    op = Op("rope", 0, (), ())
+    pos = torch.arange(3)
+    wide = torch.randn(1, 3, 128)
+    cases = [(wide[..., :64], torch.randn(1, 3, 32)),  # strided
+             (torch.randn(1, 3, 64), torch.randn(1, 3, 32).double()),  # dtypes differ
+             (torch.randn(1, 3, 48), torch.randn(1, 3, 32)),  # not heads * head_dim
+             (torch.randn(1, 3, 64), torch.randn(1, 2, 32))]  # k of other tokens
+    big = ROPE_C_MAX // 64 + 1
+    cases.append((torch.randn(1, big, 64), torch.randn(1, big, 32)))
+    for q, k in cases:
+        ctx = ops.OpContext(dims, {}, ops.Rope(cfg, 16), 1e-5, ops.KVCache())
+        p = torch.arange(q.shape[1])
+        try:
+            want = ops.op_rope(ops.OpContext(dims, {}, ops.Rope(cfg, 16), 1e-5,
+                                             ops.KVCache()), op, q, k, p)
+        except RuntimeError:  # shapes the reference refuses: so must the fast path
+            with pytest.raises(RuntimeError):
+                op_rope(ctx, op, q, k, p)
+            continue
+        got = op_rope(ctx, op, q, k, p)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+    assert rope_path == []
+    op_rope(ops.OpContext(dims, {}, ops.Rope(cfg, 16), 1e-5, ops.KVCache()), op,
+            torch.randn(1, 3, 64), torch.randn(1, 3, 32), pos)
+    assert len(rope_path) == 1  # and a plain one does take C
+
+
+def test_tee_rope_c_refuses_bad_arguments():
+    """The C entry point checks what it can before it reads anything."""
+    from tsqp_core import tee_ops
+
+    if tee_ops._rope is None:
+        pytest.skip("tsqp_core.tee._rope was not built")
+    rope = tee_ops._rope.rope
+    with pytest.raises(TypeError):
+        rope(0, 0, 0)
+    with pytest.raises(ValueError):  # an odd head_dim has no halves
+        rope(0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 3, 0)
+    with pytest.raises(ValueError):  # no data where there are values
+        rope(0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 0)
+    with pytest.raises(ValueError):  # an unknown kind
+        rope(0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 2)
+    rope(0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 2, 0)  # nothing to rotate: nothing read
+
+
+@pytest.mark.skipif(os.environ.get("CI") != "true", reason="CI installs with a C compiler")
+def test_ci_builds_the_rope_c_kernel():
+    """``make setup`` builds ``tsqp_core.tee._rope`` where a compiler is at hand, as CI's
+    is: a silently skipped build would leave only the torch path tested."""
+    from tsqp_core import tee_ops
+
+    assert tee_ops._rope is not None
 
 
 def test_the_tee_rope_tables_follow_the_forward():
