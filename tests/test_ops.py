@@ -133,21 +133,28 @@ ALL_ROPES = ROPES + [
 ]
 
 
+def _counted_rope_c(monkeypatch) -> list:
+    """The TEE ops' RoPE in C (``tee/_rope.c``), its calls counted in the list returned."""
+    from tsqp_core import tee_ops
+
+    if tee_ops._rope is None:
+        pytest.skip("tsqp_core.tee._rope was not built")
+    calls: list = []
+    real = tee_ops._rope.rope
+    monkeypatch.setattr(tee_ops, "_rope", type("Counted", (), {
+        "rope": staticmethod(lambda *a: (calls.append(a), real(*a))[1])}))
+    return calls
+
+
 @pytest.fixture(params=["c", "torch"])
 def rope_path(request, monkeypatch):
-    """The TEE ops' RoPE in C (``tee/_rope.c``, counted) or in torch (C taken away)."""
+    """The TEE ops' RoPE in C (its calls counted) or in torch (C taken away: None)."""
     from tsqp_core import tee_ops
 
     if request.param == "torch":
         monkeypatch.setattr(tee_ops, "_rope", None)
         return None
-    if tee_ops._rope is None:
-        pytest.skip("tsqp_core.tee._rope was not built")
-    calls = []
-    real = tee_ops._rope.rope
-    monkeypatch.setattr(tee_ops, "_rope", type("Counted", (), {
-        "rope": staticmethod(lambda *a: (calls.append(a), real(*a))[1])}))
-    return calls
+    return _counted_rope_c(monkeypatch)
 
 
 @pytest.mark.parametrize("rope", ALL_ROPES, ids=["default", "llama3", "linear", "dynamic"])
@@ -186,13 +193,12 @@ def test_tee_rope_and_softmax_give_the_reference_bits(rope, dtype, batch, tokens
         assert len(rope_path) == 6
 
 
-def test_tee_rope_takes_torch_where_c_may_not_read(rope_path):
+def test_tee_rope_takes_torch_where_c_may_not_read(monkeypatch):
     """Strided, mismatched or large inputs go to torch's path -- C reads raw memory, so
     nothing it is given can be larger than what it is told -- with the same bits."""
     from tsqp_core.tee_ops import ROPE_C_MAX, op_rope
 
-    if rope_path is None:
-        pytest.skip("the C path's own test")
+    rope_path = _counted_rope_c(monkeypatch)
     cfg = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
                       rope_parameters=ROPES[1])
     dims = Dims(1, 64, 4, 2, 16, 160, 10, 4096)

@@ -71,10 +71,11 @@ def _rope_c(ctx: ops.OpContext, q: torch.Tensor, k: torch.Tensor, pos: torch.Ten
         return None
     b, t, width = q.shape
     heads, kv_heads, d = ctx.dims.heads, ctx.dims.kv_heads, ctx.dims.head_dim
-    cos, sin = ctx.cos_sin(pos, q.dtype)  # [T, d]
+    cos, sin = ctx.cos_sin(pos, q.dtype)  # [T, d] in q's dtype, on the host
     if (width != heads * d or k.shape != (b, t, kv_heads * d) or cos.shape != (t, d)
-            or sin.shape != (t, d) or not (q.is_contiguous() and k.is_contiguous()
-                                           and cos.is_contiguous() and sin.is_contiguous())):
+            or sin.shape != (t, d) or cos.dtype is not q.dtype or sin.dtype is not q.dtype
+            or not (cos.is_cpu and sin.is_cpu and q.is_contiguous() and k.is_contiguous()
+                    and cos.is_contiguous() and sin.is_contiguous())):
         return None
     qo = codec.tensor_of(codec.empty(q.dtype, (b, heads, t, d)), q.dtype)
     ko = codec.tensor_of(codec.empty(q.dtype, (b, kv_heads, t, d)), q.dtype)

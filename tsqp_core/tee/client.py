@@ -73,10 +73,9 @@ class RemoteGpu:
                               f"{exc}") from None
         return reply
 
-    def _check_size(self, frames: list[Any], method: str, size: int | None = None) -> None:
-        """Refuse a reply larger than the plan allows (``size``: its bytes, where known)."""
-        if size is None:
-            size = sum(memoryview(f).nbytes for f in frames)
+    def _check_size(self, frames: list[Any], method: str) -> None:
+        """Refuse a reply larger than the plan allows."""
+        size = sum(memoryview(f).nbytes for f in frames)
         if size > self.max_reply:
             raise RemoteError(f"the GPU side's reply to {method} has {size} bytes, more "
                               f"than the {self.max_reply} the plan allows; not read")
