@@ -122,6 +122,8 @@ class GpuServer:
         self.fingerprint = fingerprint(model_dir)
         self.executor = executor
         self.executor_name = executor_name
+        #: Who made a call's outputs, for check_slots' message (not formatted per call).
+        self._maker = f"executor {executor_name}"
         self.dtype = dtype
         self.dtype_name = str(dtype).removeprefix("torch.")
         self.device = device
@@ -391,8 +393,7 @@ class GpuServer:
         t0 = now_ns()
         out = {name: env[name] for name in sized.output_names}
         try:
-            protocol.check_slots(sized.outputs, out, f"executor {self.executor_name}",
-                                 sized.output_names)
+            protocol.check_slots(sized.outputs, out, self._maker, sized.output_names)
         except ProtocolError as exc:
             client.sessions.pop(session, None)
             raise RequestError(str(exc)) from None
