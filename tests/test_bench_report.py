@@ -108,9 +108,9 @@ def test_every_reference_run_gets_a_ratio(run_tiny):
 
 @pytest.mark.parametrize("interleave", [True, False])
 def test_split_and_monolithic_repeats_take_turns(run_tiny, monkeypatch, interleave):
-    """Interleaved (the default), each pair runs both sides, the split first in every other
-    one (ABBA), warm-up pairs included; otherwise every split repeat, then every monolithic
-    one, after the GPU side has stopped."""
+    """By default every split repeat runs, the GPU side stops, then every monolithic one;
+    with ``workload.interleave`` each pair runs both sides, the split first in every other
+    one (ABBA), warm-up pairs included."""
     import tsqp_core.run as run
     from tsqp_core.reference import Reference
     from tsqp_core.run import bench
