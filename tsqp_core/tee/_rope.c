@@ -37,42 +37,41 @@ static inline uint16_t f32_to_bf16(float f) {
     return (uint16_t)((bits + 0x7FFFu + ((bits >> 16) & 1u)) >> 16);
 }
 
-/* One tensor: x [B, T, H*d] -> out [B, H, T, d]. */
-static void rotate_f32(const float *x, const float *cos, const float *sin, float *out,
-                       Py_ssize_t b, Py_ssize_t t, Py_ssize_t h, Py_ssize_t d) {
+/* One row of d values: out = x*cos + rotate_half(x)*sin. */
+static void row_f32(const void *xv, const void *cv, const void *sv, void *ov, Py_ssize_t d) {
+    const float *x = xv, *c = cv, *s = sv;
+    float *o = ov;
     Py_ssize_t half = d / 2;
-    for (Py_ssize_t bi = 0; bi < b; bi++)
-        for (Py_ssize_t hi = 0; hi < h; hi++)
-            for (Py_ssize_t ti = 0; ti < t; ti++) {
-                const float *xr = x + ((bi * t + ti) * h + hi) * d;
-                const float *c = cos + ti * d, *s = sin + ti * d;
-                float *o = out + ((bi * h + hi) * t + ti) * d;
-                for (Py_ssize_t j = 0; j < d; j++) {
-                    float rot = j < half ? -xr[j + half] : xr[j - half];
-                    float p1 = xr[j] * c[j];
-                    float p2 = rot * s[j];
-                    o[j] = p1 + p2;
-                }
-            }
+    for (Py_ssize_t j = 0; j < d; j++) {
+        float rot = j < half ? -x[j + half] : x[j - half];
+        float p1 = x[j] * c[j];
+        float p2 = rot * s[j];
+        o[j] = p1 + p2;
+    }
 }
 
-static void rotate_bf16(const uint16_t *x, const uint16_t *cos, const uint16_t *sin,
-                        uint16_t *out, Py_ssize_t b, Py_ssize_t t, Py_ssize_t h,
-                        Py_ssize_t d) {
+static void row_bf16(const void *xv, const void *cv, const void *sv, void *ov, Py_ssize_t d) {
+    const uint16_t *x = xv, *c = cv, *s = sv;
+    uint16_t *o = ov;
     Py_ssize_t half = d / 2;
+    for (Py_ssize_t j = 0; j < d; j++) {
+        float rot = j < half ? -bf16_to_f32(x[j + half]) : bf16_to_f32(x[j - half]);
+        float p1 = bf16_to_f32(f32_to_bf16(bf16_to_f32(x[j]) * bf16_to_f32(c[j])));
+        float p2 = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(s[j])));
+        o[j] = f32_to_bf16(p1 + p2);
+    }
+}
+
+typedef void (*row_fn)(const void *, const void *, const void *, void *, Py_ssize_t);
+
+/* One tensor of `size`-byte elements: x [B, T, H*d] -> out [B, H, T, d], row by row. */
+static void rotate(row_fn row, size_t size, const char *x, const char *cos, const char *sin,
+                   char *out, Py_ssize_t b, Py_ssize_t t, Py_ssize_t h, Py_ssize_t d) {
     for (Py_ssize_t bi = 0; bi < b; bi++)
         for (Py_ssize_t hi = 0; hi < h; hi++)
-            for (Py_ssize_t ti = 0; ti < t; ti++) {
-                const uint16_t *xr = x + ((bi * t + ti) * h + hi) * d;
-                const uint16_t *c = cos + ti * d, *s = sin + ti * d;
-                uint16_t *o = out + ((bi * h + hi) * t + ti) * d;
-                for (Py_ssize_t j = 0; j < d; j++) {
-                    float rot = j < half ? -bf16_to_f32(xr[j + half]) : bf16_to_f32(xr[j - half]);
-                    float p1 = bf16_to_f32(f32_to_bf16(bf16_to_f32(xr[j]) * bf16_to_f32(c[j])));
-                    float p2 = bf16_to_f32(f32_to_bf16(rot * bf16_to_f32(s[j])));
-                    o[j] = f32_to_bf16(p1 + p2);
-                }
-            }
+            for (Py_ssize_t ti = 0; ti < t; ti++)
+                row(x + (((bi * t + ti) * h + hi) * d) * size, cos + ti * d * size,
+                    sin + ti * d * size, out + (((bi * h + hi) * t + ti) * d) * size, d);
 }
 
 static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
@@ -97,13 +96,10 @@ static PyObject *rope(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
             PyErr_SetString(PyExc_ValueError, "rope: no data");
             return NULL;
         }
-    if (kind == 0) {
-        rotate_f32(ptr[0], ptr[2], ptr[3], ptr[4], b, t, h, d);
-        rotate_f32(ptr[1], ptr[2], ptr[3], ptr[5], b, t, hk, d);
-    } else {
-        rotate_bf16(ptr[0], ptr[2], ptr[3], ptr[4], b, t, h, d);
-        rotate_bf16(ptr[1], ptr[2], ptr[3], ptr[5], b, t, hk, d);
-    }
+    row_fn row = kind == 0 ? row_f32 : row_bf16;
+    size_t size = kind == 0 ? sizeof(float) : sizeof(uint16_t);
+    rotate(row, size, ptr[0], ptr[2], ptr[3], ptr[4], b, t, h, d);
+    rotate(row, size, ptr[1], ptr[2], ptr[3], ptr[5], b, t, hk, d);
     Py_RETURN_NONE;
 }
 
