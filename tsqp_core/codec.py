@@ -149,32 +149,36 @@ def describe(tensors: dict[str, torch.Tensor]) -> list[list]:
     return specs
 
 
-def place(t: torch.Tensor, buffer: Any) -> None:
+def place(t: torch.Tensor, buffer: Any, non_blocking: bool = False) -> None:
     """Copy ``t`` into ``buffer`` (exactly its bytes): one copy, whatever ``t``'s strides or
-    device -- from a device, the one device-to-host transfer."""
+    device -- from a device, the one device-to-host transfer. ``non_blocking``: a device's
+    copy is only queued on its stream (a DMA where ``buffer`` is page-locked); the caller
+    waits for it (:meth:`~tsqp_core.executor.Backend.synchronize`) before ``buffer`` is
+    read."""
     if t.numel() == 0:
         return
     if t.is_cpu and t.is_contiguous() and t.numel() * t.element_size() <= SMALL_COPY:
         memoryview(buffer)[:] = tensor_buffer(t)  # the cheapest for small ones
     else:
-        over(buffer, t.dtype, t.shape).copy_(t)
+        over(buffer, t.dtype, t.shape).copy_(t, non_blocking=non_blocking and not t.is_cpu)
 
 
 def tensor_frames(values: Collection[torch.Tensor], nbytes: int,
-                  reserve: Callable[[list[int]], list[Any] | None] | None
-                  ) -> tuple[list[Any], int]:
+                  reserve: Callable[[list[int]], list[Any] | None] | None,
+                  non_blocking: bool = False) -> tuple[list[Any], int]:
     """The frames of a call's tensors ``values`` (``nbytes`` in all), each copied once on
     its way, and the bytes this side copied. A small message of host tensors goes as views:
     the transport's own copy (into its memory, or onto the wire) is the one. Anything else,
     where the transport lends its memory (``reserve``, a channel's), is copied straight into
-    it -- whatever its strides, from whatever device (the one device-to-host copy), large
-    ones by torch on every thread -- and the transport copies only the header."""
+    it -- whatever its strides, from whatever device (the one device-to-host copy; only
+    queued with ``non_blocking``, see :func:`place`), large ones by torch on every thread --
+    and the transport copies only the header."""
     host = all(t.is_cpu and t.is_contiguous() for t in values)
     if reserve is not None and (nbytes > SMALL_COPY or not host):
         buffers = reserve([t.numel() * t.element_size() for t in values])
         if buffers is not None:
             for t, buf in zip(values, buffers):
-                place(t, buf)
+                place(t, buf, non_blocking)
             return buffers, nbytes
     copied = 0 if host else sum(t.numel() * t.element_size() for t in values
                                 if not (t.is_cpu and t.is_contiguous()))

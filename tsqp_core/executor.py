@@ -59,8 +59,29 @@ class Backend(ABC):
 
         return KVCache()
 
+    def to_device(self, env: dict[str, torch.Tensor]) -> None:
+        """Move a call's inputs to the backend's ``device`` (where it is not the CPU), queued
+        on its stream: they arrive in host memory -- the transport's, page-locked where the
+        server registered it (:meth:`~tsqp_core.transport.ServerChannel.pin`), so each is
+        one DMA -- that stays untouched until the reply is sent, after :meth:`synchronize`."""
+        device = getattr(self, "device", None)
+        if device is not None and device.type != "cpu":
+            for name, t in env.items():
+                env[name] = t.to(device, non_blocking=True)
+
     def synchronize(self) -> None:
-        """Wait for queued device work (timers call this)."""
+        """Wait until the work queued so far on the backend's stream is done (the server
+        calls this after a call's compute, and again after its outputs' copies to the
+        host): an event recorded on the current stream of ``device`` and waited on -- never
+        the whole device. Nothing to wait for off CUDA."""
+        device = getattr(self, "device", None)
+        if device is None or device.type != "cuda":
+            return
+        event = self.__dict__.get("_done")
+        if event is None:
+            event = self.__dict__["_done"] = torch.cuda.Event()
+        event.record(torch.cuda.current_stream(device))
+        event.synchronize()
 
     def info(self) -> dict[str, Any]:
         """What this backend actually runs, for the ``server`` section of results:

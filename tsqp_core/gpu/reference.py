@@ -27,12 +27,6 @@ class ReferenceBackend(Backend):
             last_only: bool) -> None:
         ctx = ops.OpContext(self.dims, self.weights, self.rope, self.eps, cache, last_only)
         with torch.inference_mode():  # as transformers is run for the reference
-            if self.device.type != "cpu":  # a call's inputs arrive in host memory
-                for name, t in env.items():
-                    env[name] = t.to(self.device)
+            self.to_device(env)  # a call's inputs arrive in host memory
             for op in call.ops:
                 ops.run_op(self.impls, ctx, op, env)
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)

@@ -172,8 +172,7 @@ class FusedBackend(Backend):
         with self._grad_off():
             if self.device.type != "cpu":
                 check_positions(env.get("pos"), self.dims.max_positions)
-                for name, t in env.items():
-                    env[name] = t.to(self.device)
+                self.to_device(env)
             for step in steps:
                 step(ctx, env)
 
@@ -182,10 +181,6 @@ class FusedBackend(Backend):
         whether a tensor is an inference tensor, and the wire's inputs never are, so every
         tensor a graph sees (cache buffers included) is made the same way."""
         return torch.no_grad() if self.compiler is not None else torch.inference_mode()
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     # --- building a call's program --------------------------------------------------------
 

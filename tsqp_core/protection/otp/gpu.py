@@ -40,15 +40,12 @@ class ResidueBackend(Backend):
             last_only: bool) -> None:
         (op,) = call.ops
         (x_spec,), (y_spec,) = call.wire.inputs, call.wire.outputs
-        x = env[x_spec.name].to(self.device)
+        self.to_device(env)
+        x = env[x_spec.name]
         k, width = x.shape[0], x.shape[-1]
         y = residue_matmul(x.reshape(k, -1, width), self.residues[op.layer, op.kind],
                            self.primes, self.gemm)
         env[y_spec.name] = y.view(*x.shape[:-1], y.shape[-1])
-
-    def synchronize(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def info(self) -> dict[str, Any]:
         return {"attention": "none", "residue_gemm": self.gemm,
