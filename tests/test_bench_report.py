@@ -225,3 +225,18 @@ def test_sweep_writes_the_report_and_report_rebuilds_it(tmp_path, launcher):
 
     if Path("/proc/self/environ").exists():
         assert _leftover_servers(mark) == []
+
+
+def test_the_summary_says_whether_a_cuda_gpu_side_pinned_its_host_memory(run_tiny):
+    from tsqp_core.run import summary
+
+    res = run_tiny("transport=inproc", "workload=prefill", "workload.prompt_tokens=8")
+    assert res["server"]["host_memory"] == {"pinned": "no (the device is cpu: nothing to pin for)"}
+    assert "host_memory" not in summary(res)
+    on = {"pinned": "yes (cudaHostRegister)", "read_only_supported": False,
+          "refused": ["read-only host registration is not supported here"]}
+    for memory, said in ((on, "pinned (1 refused: see results.json server.host_memory)"),
+                         ({**on, "refused": []}, "pinned"),
+                         ({"pinned": "no (server.pin_memory is off)"}, "pageable")):
+        cuda = {**res, "server": {**res["server"], "device": "cuda:0", "host_memory": memory}}
+        assert summary(cuda).splitlines()[0].endswith(f" host_memory={said}")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import threading
+
 import msgpack
 import pytest
 import torch
@@ -263,3 +265,79 @@ def test_unexpected_errors_are_logged_rate_limited(capsys):
     written = [log(f"error {i}") for i in range(100)]
     assert written == [True] * 3 + [False] * 97 and log.suppressed == 97
     assert capsys.readouterr().err.count("tsqp serve: error") == 3
+
+
+class _Lends:
+    """A channel that lends memory (``pin``) and never has a request."""
+
+    def __init__(self) -> None:
+        self.pinned_with = []
+
+    def pin(self, pinner) -> None:
+        self.pinned_with.append(pinner)
+
+    def recv(self, timeout):
+        return None
+
+    def departed(self):
+        return []
+
+
+@pytest.mark.parametrize("device,pin_memory,pinned", [
+    ("cpu", True, "no (the device is cpu: nothing to pin for)"),
+    ("cuda", False, "no (server.pin_memory is off)"),
+    ("cuda", True, "fake"),
+])
+def test_a_cuda_server_pins_what_its_channel_lends_and_fences_each_call_by_events(
+        model_dir, schedule, monkeypatch, device, pin_memory, pinned):
+    """The server's half of the GPU data path, on a CPU with the device faked: on CUDA the
+    channel's memory is handed to a pinner before serving; each call is fenced twice on the
+    backend's stream -- after its compute and after its outputs' (queued) copies into the
+    reply -- and never with a device-wide synchronize."""
+    from tsqp_core.gpu import pinning
+    from tsqp_core.gpu.reference import ReferenceBackend
+
+    class FakePinner:
+        def __init__(self, device) -> None:
+            self.device = device
+
+        def summary(self):
+            return {"pinned": "fake"}
+
+    log: list = []
+    monkeypatch.setattr(pinning, "CudaPinner", FakePinner)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a: log.append("device-wide"))
+    server = GpuServer(model_dir, UnfusedExecutor(PluginOptions()), "unfused", torch.float32,
+                       torch.device(device), pin_memory=pin_memory)
+
+    class Spied(ReferenceBackend):  # computes on the CPU whatever the server's device
+        def run(self, *args) -> None:
+            log.append("run")
+            super().run(*args)
+
+        def synchronize(self) -> None:
+            log.append("fence")
+
+    monkeypatch.setattr(server.executor, "backend", lambda ckpt, kinds, dtype, _device:
+                        Spied(ckpt, kinds, dtype, torch.device("cpu")))
+    frames = codec.tensor_frames
+
+    def placing(values, nbytes, reserve, non_blocking=False):
+        log.append(("place", non_blocking))
+        return frames(values, nbytes, reserve, non_blocking)
+
+    monkeypatch.setattr(codec, "tensor_frames", placing)
+    channel = _Lends()
+    stop = threading.Event()
+    stop.set()
+    server.serve(channel, stop)
+    assert len(channel.pinned_with) == (pinned == "fake")
+    assert server.pinner is (channel.pinned_with[0] if channel.pinned_with else None)
+    answer = hello(server, model_dir, schedule)
+    assert answer.header["server"]["host_memory"]["pinned"] == pinned
+    ok = embed_call(server, answer.header["plan_id"], torch.randint(0, 512, (1, 5)))
+    assert ok.header["ok"]
+    if device == "cuda":
+        assert log == ["run", "fence", ("place", True), "fence"]
+    else:  # the work is done when run() returns; copies from host memory block anyway
+        assert log == ["run", "fence", ("place", False)]

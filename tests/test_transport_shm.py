@@ -465,3 +465,144 @@ def test_the_spin_shrinks_after_long_waits_and_comes_back_after_a_short_one():
     never.done(0.0)
     never.done(1.0)
     assert never.now == 0.0
+
+
+# --- page-locking the arenas for a device (ServerChannel.pin) -------------------------------
+
+
+def _address(frame) -> int:
+    import numpy
+
+    return int(numpy.frombuffer(frame, numpy.uint8).ctypes.data)
+
+
+class RecordingPinner:
+    """A HostPinner that keeps what is registered now and checks the rules a real one
+    (``cudaHostRegister``) enforces: no two spans overlap, only what was registered is
+    unregistered. ``refuse_read_only``: a device without read-only registration."""
+
+    def __init__(self, refuse_read_only: bool = False) -> None:
+        self.refuse_read_only = refuse_read_only
+        self.live: dict[int, tuple[int, bool]] = {}
+        self.log: list[tuple] = []
+        self.problems: list[str] = []
+
+    def register(self, address: int, nbytes: int, read_only: bool) -> bool:
+        for at, (n, _) in self.live.items():
+            if address < at + n and at < address + nbytes:
+                self.problems.append(f"{address:#x}+{nbytes} overlaps {at:#x}+{n}")
+        if read_only and self.refuse_read_only:
+            self.log.append(("refused", nbytes, read_only))
+            return False
+        self.live[address] = (nbytes, read_only)
+        self.log.append(("register", nbytes, read_only))
+        return True
+
+    def unregister(self, address: int) -> None:
+        if self.live.pop(address, None) is None:
+            self.problems.append(f"unregister of {address:#x}, never registered")
+        self.log.append(("unregister",))
+
+    def covering(self, frame) -> tuple[int, bool] | None:
+        """The live span ``frame`` lies in: (bytes, read-only), or None."""
+        n = memoryview(frame).nbytes
+        if n == 0:
+            return (0, True)
+        at = _address(frame)
+        for start, (size, read_only) in self.live.items():
+            if start <= at and at + n <= start + size:
+                return size, read_only
+        return None
+
+
+def _serve_checked(server, pinner: RecordingPinner, stop: threading.Event) -> None:
+    """Echo every request through reserved reply memory, checking as it goes that each
+    frame read and each buffer written lies in a span registered at that moment."""
+    server.pin(pinner)
+    while not stop.is_set():
+        frames = server.recv(0.02)
+        if frames is None:
+            continue
+        for i, f in enumerate(frames):
+            span = pinner.covering(f)
+            if not pinner.refuse_read_only and (span is None or not span[1]):
+                pinner.problems.append(f"request frame {i} read from unpinned memory")
+        buffers = server.reserve([memoryview(f).nbytes for f in frames[1:]])
+        for i, (buf, f) in enumerate(zip(buffers, frames[1:])):
+            span = pinner.covering(buf)
+            if span is None or span[1]:
+                pinner.problems.append(f"reply frame {i} written into unpinned memory")
+            buf[:] = memoryview(f).cast("B")
+        server.send([bytes(frames[0]), *buffers])
+
+
+@pytest.mark.parametrize("native", PATHS)
+@pytest.mark.parametrize("refuse_read_only", [False, True], ids=["pinned", "no-read-only"])
+def test_a_pinned_server_registers_each_arena_span_before_use_and_all_of_it_on_close(
+        native, refuse_read_only):
+    transport = make(arena_bytes=8 << 20, native=native)
+    server = transport.listen()
+    pinner = RecordingPinner(refuse_read_only)
+    stop = threading.Event()
+    thread = threading.Thread(target=_serve_checked, args=(server, pinner, stop), daemon=True)
+    thread.start()
+    client = transport.connect(server.address)
+    try:
+        for sizes in ([1000], [3 << 20], [1000, 17], [5 << 20, 100], [64]):
+            payload = [os.urandom(n) for n in sizes]
+            got = client.request([b"head", *payload], 30)
+            assert [bytes(g) for g in got] == [b"head", *payload]
+        assert pinner.problems == []
+        registered = [e for e in pinner.log if e[0] == "register"]
+        # the reply arena grew twice past a 2 MiB step (3 MB, then 5 MB): registered three
+        # times, each larger, the smaller one unregistered first (no overlap: checked above)
+        reply = [n for _, n, read_only in registered if not read_only]
+        assert len(reply) == 3 and reply == sorted(reply) and reply[-1] >= (5 << 20)
+        request = [n for _, n, read_only in registered if read_only]
+        if refuse_read_only:  # asked once, then used as it is
+            assert request == [] and [e for e in pinner.log if e[0] == "refused"] == [
+                ("refused", shm.CTRL_BYTES + shm.RESERVE_STEP, True)]
+        else:
+            assert len(request) == 3 and request[-1] >= (5 << 20)
+    finally:
+        client.close()
+        stop.set()
+        thread.join(timeout=30)
+        server.close()
+    assert pinner.live == {} and pinner.problems == []
+
+
+def test_pinning_a_server_that_has_links_covers_them_from_the_next_message():
+    transport = make(arena_bytes=4 << 20)
+    server = transport.listen()
+    pinner = RecordingPinner()
+    stop = threading.Event()
+
+    def first_then_pinned() -> None:
+        while not stop.is_set():  # one plain echo on the link before pin() is called
+            frames = server.recv(0.02)
+            if frames is not None:
+                server.send([bytes(f) for f in frames])
+                break
+        _serve_checked(server, pinner, stop)
+
+    thread = threading.Thread(target=first_then_pinned, daemon=True)
+    thread.start()
+    client = transport.connect(server.address)
+    try:
+        for tag, payload in ((b"a", b"x" * 100), (b"b", b"y" * 5000)):
+            assert [bytes(g) for g in client.request([tag, payload], 30)] == [tag, payload]
+        # pin() covered the live link's reply arena at once, its request arena from the
+        # next request on, and the checked echo found both in place
+        assert pinner.problems == [] and sorted(ro for _, ro in pinner.live.values()) == [
+            False, True]
+        client.close()
+        deadline = time.monotonic() + 10  # the server notices the departure, drops the link
+        while pinner.live and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert pinner.live == {}  # unregistered as the link went, not only at close
+    finally:
+        client.close()
+        stop.set()
+        thread.join(timeout=30)
+        server.close()

@@ -211,7 +211,8 @@ def serve_app(args: list[str]) -> int:
                           model_dir=str(resolve(config.model)), executor=config.executor.model_dump(),
                           dtype=config.dtype, device=config.device, threads=config.threads.gpu,
                           max_sessions=config.server.max_sessions,
-                          max_clients=config.server.max_clients, idle_s=config.server.idle_s)
+                          max_clients=config.server.max_clients, idle_s=config.server.idle_s,
+                          pin_memory=config.server.pin_memory)
         server, channel = build_server(spec)
     except (*_user_errors(), HydraException, TransportError) as exc:
         print(f"tsqp serve: error: {exc}", file=sys.stderr)

@@ -62,6 +62,10 @@ class Server(Strict):
     #: new one.
     max_clients: int = Field(8, ge=1)
     idle_s: float = Field(600.0, gt=0)
+    #: On CUDA, page-lock the memory the transport lends (shm's arenas) so each input and
+    #: output is one DMA (see tsqp_core/gpu/pinning.py); off: copies go through pageable
+    #: memory, for comparison. Nothing to pin on a CPU or over tcp.
+    pin_memory: bool = True
     #: Largest |value| accepted from the GPU side (null: 2**24 capped by the dtype; see
     #: tsqp_core/tee/validate.py).
     max_abs_value: float | None = Field(None, gt=0)

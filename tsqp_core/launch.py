@@ -45,6 +45,7 @@ class ServerSpec:
     tamper: dict[str, Any] | None = None
     max_clients: int = 8
     idle_s: float = 600.0
+    pin_memory: bool = True
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__)
@@ -64,7 +65,7 @@ def build_server(spec: ServerSpec):
     server = GpuServer(Path(spec.model_dir), executor, spec.executor["name"], DTYPES[spec.dtype],
                        resolve_device(spec.device), spec.max_sessions,
                        Tamper(**spec.tamper) if spec.tamper is not None else None,
-                       spec.max_clients, spec.idle_s)
+                       spec.max_clients, spec.idle_s, spec.pin_memory)
     return server, transport.listen(spec.address)
 
 

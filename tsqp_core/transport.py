@@ -37,6 +37,15 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
   ``ClientChannel.request_into`` lets a client that knows the reply's sizes hand over its
   own buffers: a borrowed reply is copied straight into them, once, instead of lent and
   then copied.
+* **Memory it can pin (optional).** ``ServerChannel.pin(pinner)``: a transport whose
+  server reads requests from and writes replies into memory of its own (shm's arenas)
+  registers that memory with ``pinner`` -- the server's device, on CUDA: page-locked, so
+  each input's host-to-device copy and each output's copy back is one DMA, from and into
+  the very bytes the peer wrote or reads. It registers a span before the device can touch
+  it and unregisters it before the memory goes away (a link dropped, a span grown:
+  unregister, register the larger one), never two overlapping spans; a span the pinner
+  refuses (``register`` returns ``False``) is used as it is, pageable, and not asked for
+  again. The default: nothing to pin.
 * **Settled for the machine.** ``Transport.fit(ThreadBudget)`` is called once before a run
   starts, so options marked automatic (shm's spin) can follow the run's threads and cores.
 * **Too large is an error, never a fallback.** A message the channel cannot carry raises
@@ -47,7 +56,7 @@ the contract suite (:mod:`tsqp_core.testing.transport_contract`) checks for each
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, Callable, ClassVar, Hashable, NamedTuple, Sequence
+from typing import Any, Callable, ClassVar, Hashable, NamedTuple, Protocol, Sequence
 
 from tsqp_core.plugins import PluginOptions
 
@@ -86,6 +95,18 @@ class Peer(NamedTuple):
 
 #: The peer of a transport that cannot tell connections apart (and of direct calls).
 ANONYMOUS = Peer("anonymous")
+
+
+class HostPinner(Protocol):
+    """What a server lends a channel to page-lock the memory it serves from (see the module
+    doc): on CUDA, :class:`tsqp_core.gpu.pinning.CudaPinner`."""
+
+    def register(self, address: int, nbytes: int, read_only: bool) -> bool:
+        """Page-lock ``nbytes`` from ``address`` for the device (``read_only``: the mapping
+        is, and the device only reads it). ``False``: refused -- use it as it is."""
+
+    def unregister(self, address: int) -> None:
+        """Undo the registration that starts at ``address``."""
 
 
 class ClientChannel(ABC):
@@ -148,6 +169,11 @@ class ServerChannel(ABC):
         with those very objects then commits them without copying them again. Raises
         :class:`MessageTooLarge` when they cannot fit."""
         return None
+
+    def pin(self, pinner: HostPinner) -> None:
+        """Register the memory requests are read from and replies written into with
+        ``pinner``, from now on, for every connection (see the module doc). The default:
+        nothing -- the transport has no memory of its own to lend."""
 
     def departed(self) -> list[Peer]:
         """Peers whose connection closed since the last call (each reported once). A

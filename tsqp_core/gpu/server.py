@@ -117,7 +117,7 @@ class GpuServer:
     def __init__(self, model_dir: Path, executor: Executor, executor_name: str,
                  dtype: torch.dtype, device: torch.device, max_sessions: int = 4,
                  tamper: Tamper | None = None, max_clients: int = 8,
-                 idle_s: float = 600.0) -> None:
+                 idle_s: float = 600.0, pin_memory: bool = True) -> None:
         self.ckpt = Checkpoint(model_dir)
         self.fingerprint = fingerprint(model_dir)
         self.executor = executor
@@ -130,6 +130,9 @@ class GpuServer:
         self.max_sessions = max_sessions
         self.max_clients = max_clients
         self.idle_s = idle_s
+        #: Page-locks the memory channels lend (CUDA only; made by :meth:`serve`).
+        self.pinner: Any = None
+        self._pin_memory = pin_memory
         #: Deliberate corruption of replies (tests and demonstrations only; see tamper.py).
         self.tamper = tamper
         self.dims = self.ckpt.dims
@@ -156,7 +159,15 @@ class GpuServer:
 
     def serve(self, channel: ServerChannel, stop: threading.Event | None = None,
               poll_s: float = 0.2) -> None:
-        """Answer requests until ``stop`` is set (or forever)."""
+        """Answer requests until ``stop`` is set (or forever). On CUDA (and unless
+        ``pin_memory`` is off) the memory ``channel`` lends is page-locked for the device
+        first (:meth:`~tsqp_core.transport.ServerChannel.pin`)."""
+        if self._pin_memory and self.device.type == "cuda":
+            if self.pinner is None:
+                from tsqp_core.gpu.pinning import CudaPinner
+
+                self.pinner = CudaPinner(self.device)
+            channel.pin(self.pinner)
         serve_loop(channel, self.handle, stop, poll_s, self.forget)
 
     def forget(self, peer: Peer) -> None:
@@ -318,7 +329,15 @@ class GpuServer:
                 "executor_options": self.executor.options.model_dump(),
                 "attention": attention, "protection": protection,
                 "torch": torch.__version__, "tsqp": __version__,
+                "host_memory": self._host_memory(),
                 **{k: v for k, v in backend_info.items() if k != "attention"}}
+
+    def _host_memory(self) -> dict[str, Any]:
+        if self.pinner is not None:
+            return self.pinner.summary()
+        why = ("server.pin_memory is off" if self.device.type == "cuda"
+               else f"the device is {self.device.type}: nothing to pin for")
+        return {"pinned": f"no ({why})"}
 
     def _protection(self, spec: dict[str, Any]):
         """The protection scheme the client asks for, when it has a GPU-side part."""
@@ -403,22 +422,26 @@ class GpuServer:
             if text is not None:  # raw, as a hostile server would send it
                 return codec.pack({protocol.ID: req_id, protocol.OK: False,
                                    protocol.ERROR: text}, [], [])
-        buffers = self._place(out, reserve, sized.received)
+        buffers = self._place(out, reserve, sized.received, plan.backend)
         timings = protocol.CallReply(t_decode, t_compute, now_ns() - t0)
         if lie:
             timings = self.tamper.reply(timings, out)
-            buffers = self._place(out, reserve, sized.received)
+            buffers = self._place(out, reserve, sized.received, plan.backend)
         return protocol.encode_call_reply(req_id, timings, buffers)
 
     def _place(self, out: dict[str, torch.Tensor], reserve: Reserve | None,
-               nbytes: int) -> list[Any]:
+               nbytes: int, backend: Backend) -> list[Any]:
         """The reply's tensor frames (``nbytes`` in all), each output copied once on its way
         (:func:`codec.tensor_frames`: views, or straight into the channel's memory -- from a
-        device, the one device-to-host transfer)."""
+        device, the one device-to-host transfer, queued on the backend's stream and waited
+        for once, here, before the reply can leave)."""
+        on_device = self.device.type != "cpu"
         try:
-            buffers, copied = codec.tensor_frames(out.values(), nbytes, reserve)
+            buffers, copied = codec.tensor_frames(out.values(), nbytes, reserve, on_device)
         except MessageTooLarge as exc:
             raise RequestError(f"reply not sent: {exc}") from None
+        if on_device:
+            backend.synchronize()
         self.copied_bytes += copied
         return buffers
 

@@ -47,7 +47,8 @@ def server_spec(p: Prepared) -> ServerSpec:
                       executor={"name": cfg.executor.name, "options": cfg.executor.options},
                       dtype=cfg.dtype, device=cfg.device, threads=cfg.threads.gpu,
                       max_sessions=cfg.server.max_sessions, tamper=cfg.server.tamper,
-                      max_clients=cfg.server.max_clients, idle_s=cfg.server.idle_s)
+                      max_clients=cfg.server.max_clients, idle_s=cfg.server.idle_s,
+                      pin_memory=cfg.server.pin_memory)
 
 
 @contextlib.contextmanager

@@ -192,6 +192,18 @@ def write_results(outdir: Path, result: dict[str, Any]) -> Path:
     return path
 
 
+def _pinned(server: dict[str, Any]) -> str:
+    """`` host_memory=...`` where the GPU side is a CUDA device: whether the memory a call's
+    tensors cross is page-locked (a CPU GPU side has nothing to pin: said nothing)."""
+    memory = server.get("host_memory")
+    if not memory or not str(server.get("device", "")).startswith("cuda"):
+        return ""
+    text = "pinned" if str(memory.get("pinned", "")).startswith("yes") else "pageable"
+    if memory.get("refused"):
+        text += f" ({len(memory['refused'])} refused: see results.json server.host_memory)"
+    return f" host_memory={text}"
+
+
 def summary(result: dict[str, Any]) -> str:
     c, w, r, lat = result["config"], result["workload"], result["rpc"], result["latency_ms"]
     server = result.get("server") or {}
@@ -200,7 +212,8 @@ def summary(result: dict[str, Any]) -> str:
         + f"transport={c['transport']} executor={c['executor']} "
         f"partition={c['partition']} protection={c['protection']} model={c['model']} "
         f"dtype={c['dtype']} device={c['device']}"
-        + (f" attention={server['attention']}" if server.get("attention") else ""),
+        + (f" attention={server['attention']}" if server.get("attention") else "")
+        + _pinned(server),
         f"workload: {w['kind']} batch={w['batch']} prompt_tokens={w['prompt_tokens']} "
         f"new_tokens={w['new_tokens']}",
     ]

@@ -106,6 +106,14 @@ reply's sizes take it straight into buffers of its own (``request_into``): one c
 the arena and no views made. On the tiny model that is a few tens of microseconds less per
 call (README, "Where a call's time goes").
 
+**Pinned for a device.** A server on CUDA hands the channel a pinner (``pin``): each
+link's request arena (read-only here) is registered as far as the messages read from it
+reach, after the read and before its frames go to the device; the reply arena as far as it
+is reserved, before anything is written into the new span. A span grows in ``RESERVE_STEP``
+steps: the smaller registration is dropped before the larger is made, and all of it before
+the mapping is closed. How far is the client's to say (``used``), bounded by the arena --
+memory the client could fill anyway.
+
 Linux only (abstract sockets, memfd seals, ``/dev/shm`` for the semaphores).
 """
 
@@ -133,8 +141,8 @@ from pydantic import Field
 from tsqp_core import hookimpl
 from tsqp_core.plugins import PluginOptions
 from tsqp_core.protocol import clean_text
-from tsqp_core.transport import (ClientChannel, Frames, MessageTooLarge, Peer, PeerDead,
-                                 PeerTimeout, ServerChannel, ThreadBudget, Transport,
+from tsqp_core.transport import (ClientChannel, Frames, HostPinner, MessageTooLarge, Peer,
+                                 PeerDead, PeerTimeout, ServerChannel, ThreadBudget, Transport,
                                  TransportError, Watchdog)
 
 SCHEME = "shm://"
@@ -158,6 +166,8 @@ except ImportError:  # pragma: no cover - depends on the build
     _native = None  # type: ignore[assignment]
 
 _CTRL = struct.Struct("<8sQIIQ")  # magic, seq, nframes, pad, used
+_USED = struct.Struct("<Q")  # the control block's ``used``, alone
+_USED_AT = 24
 _LEN = struct.Struct("<I")
 _CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,80}")
@@ -390,6 +400,11 @@ class _Region:
         #: The sizes of the last ``reserve`` and what it handed out (reused for equal sizes).
         self._layout: tuple[tuple[int, ...], tuple[list[memoryview], list[tuple[int, int]],
                                                    int]] | None = None
+        #: Who page-locks this mapping (``pin``), and the bytes from its start registered
+        #: with it now; ``pin_refused``: it said no once, so it is not asked again.
+        self.pinner: HostPinner | None = None
+        self.pinned = 0
+        self.pin_refused = False
 
     def _reserve(self, used: int) -> None:
         want = min(self.arena, -(-used // RESERVE_STEP) * RESERVE_STEP)
@@ -403,6 +418,47 @@ class _Region:
                 f"cannot reserve {want} bytes of shared memory for a {used}-byte message "
                 f"({exc.strerror}); free or enlarge {SHM_DIR}") from None
         self.reserved = want
+        if self.pinner is not None:  # before anything is written into the new span
+            self._cover(want)
+
+    # --- page-locking for a device (ServerChannel.pin) -------------------------------------
+
+    def pin(self, pinner: HostPinner) -> None:
+        """Have ``pinner`` page-lock what this mapping uses: a writer's reserved span now
+        and as it grows; a reader's, as the messages it reads grow (:meth:`pin_read`)."""
+        self.pinner = pinner
+        if self.writer and self.reserved:
+            self._cover(self.reserved)
+
+    def pin_read(self) -> None:
+        """After a ``read``, before the message's frames reach a device: pin as far as the
+        message uses the arena (its ``used``, checked against the arena by ``read``)."""
+        used = _USED.unpack_from(self.view, _USED_AT)[0]
+        if CTRL_BYTES + used > self.pinned:
+            self._cover(min(self.arena, -(-used // RESERVE_STEP) * RESERVE_STEP))
+
+    def _cover(self, arena_bytes: int) -> None:
+        """Registered: the control block and the first ``arena_bytes`` of the arena, as one
+        span from the mapping's start (a smaller one is unregistered first: spans of one
+        mapping never overlap)."""
+        nbytes = CTRL_BYTES + arena_bytes
+        if self.pinner is None or self.pin_refused or nbytes <= self.pinned:
+            return
+        self._unpin()
+        if self.pinner.register(self._address(), nbytes, not self.writer):
+            self.pinned = nbytes
+        else:
+            self.pin_refused = True
+
+    def _unpin(self) -> None:
+        if self.pinned and self.pinner is not None:
+            self.pinned = 0
+            self.pinner.unregister(self._address())
+
+    def _address(self) -> int:
+        import numpy
+
+        return int(numpy.frombuffer(self.view, numpy.uint8).ctypes.data)
 
     def _fit(self, end: int) -> None:
         if end > self.arena:
@@ -514,6 +570,7 @@ class _Region:
 
     def close(self) -> None:
         self._layout = self._reserved_views = None  # our own views go first
+        self._unpin()  # before the memory can go
         self.view.release()
         try:
             self.map.close()
@@ -704,6 +761,7 @@ class ShmServer(ServerChannel):
         self._closed = False
         self._spin = _Spin(_spin_s(options))
         self._native = _use_native(options)
+        self._pinner: HostPinner | None = None
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             self._listener.bind(_abstract(name))
@@ -733,6 +791,8 @@ class ShmServer(ServerChannel):
                 self._log(f"dropping a client that sent a malformed request: {exc}")
                 self._drop(link)
                 continue
+            if self._pinner is not None:
+                link.req.pin_read()
             link.seq += 1
             link.pending = True
             self._answer = self._hot = link
@@ -834,6 +894,9 @@ class ShmServer(ServerChannel):
                          _Region(fds[1], arena, writer=True, native=self._native), sems[0],
                          sems[1], Peer(self._count))
             opened.clear()
+            if self._pinner is not None:
+                link.req.pin(self._pinner)
+                link.rep.pin(self._pinner)
         except BaseException:
             _unlink(names)
             raise
@@ -885,6 +948,14 @@ class ShmServer(ServerChannel):
     @staticmethod
     def _log(message: str) -> None:
         print(f"tsqp shm: {message}", file=sys.stderr)
+
+    def pin(self, pinner: HostPinner) -> None:
+        """Page-lock, with ``pinner``, each link's arenas as far as they are used: the
+        request arena (mapped read-only here, so registered read-only) and the reply arena."""
+        self._pinner = pinner
+        for link in [*self._links, *(hs.link for hs in self._handshakes)]:
+            link.req.pin(pinner)
+            link.rep.pin(pinner)
 
     # --- answering --------------------------------------------------------------------------
 
