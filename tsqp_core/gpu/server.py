@@ -440,8 +440,9 @@ class GpuServer:
             buffers, copied = codec.tensor_frames(out.values(), nbytes, reserve, on_device)
         except MessageTooLarge as exc:
             raise RequestError(f"reply not sent: {exc}") from None
-        if on_device:
-            backend.synchronize()
+        finally:
+            if on_device:  # a copy queued before one failed must not land in a later reply
+                backend.synchronize()
         self.copied_bytes += copied
         return buffers
 

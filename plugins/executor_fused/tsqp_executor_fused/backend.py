@@ -171,7 +171,10 @@ class FusedBackend(Backend):
         ctx = ops.OpContext(self.dims, self.weights, self.rope, self.eps, cache, last_only)
         with self._grad_off():
             if self.device.type != "cpu":
-                check_positions(env.get("pos"), self.dims.max_positions)
+                pos = env.get("pos")
+                if pos is not None:  # checked in private memory: the client's arena could
+                    env["pos"] = pos = pos.clone()  # change under the device's copy of it
+                check_positions(pos, self.dims.max_positions)
                 self.to_device(env)
             for step in steps:
                 step(ctx, env)
