@@ -62,7 +62,8 @@ class CudaPinner:
         self._runtime = _loaded_cudart()
         #: address -> (bytes, read-only) of what is registered now
         self.registered: dict[int, tuple[int, bool]] = {}
-        #: why a registration was refused (the distinct reasons, in order)
+        #: why a registration was refused (the distinct reasons, in order: a few at most,
+        #: however many links come and go)
         self.refused: list[str] = []
         self.read_only_supported = self._attribute(ATTR_READ_ONLY_SUPPORTED)
 
@@ -70,7 +71,8 @@ class CudaPinner:
         if self._runtime is None:
             return False  # cannot be asked, so read-only registration is never tried
         value = ctypes.c_int(0)
-        index = torch.cuda._get_device_index(self.device, optional=True)
+        index = (self.device.index if self.device.index is not None
+                 else torch.cuda.current_device())
         err = self._runtime.cudaDeviceGetAttribute(ctypes.byref(value), attribute, index)
         if err:
             self._clear()
@@ -98,8 +100,7 @@ class CudaPinner:
             err = int(self._cudart.cudaHostRegister(address, nbytes, flags))
         if err:
             self._clear()
-            return self._refuse(f"cudaHostRegister of {nbytes} bytes failed (CUDA error "
-                                f"{err})")
+            return self._refuse(f"cudaHostRegister failed (CUDA error {err})")
         self.registered[address] = (nbytes, read_only)
         return True
 
