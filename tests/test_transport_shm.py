@@ -21,6 +21,7 @@ import torch
 from tsqp_core import codec
 from tsqp_core.bench_transport import EchoServer
 from tsqp_core.plugins import PluginError, get_plugins
+from tsqp_core.testing.transport_contract import RecordingPinner, serve_checked
 from tsqp_core.transport import MessageTooLarge, PeerDead, TransportError
 
 from conftest import shm_names
@@ -467,73 +468,8 @@ def test_the_spin_shrinks_after_long_waits_and_comes_back_after_a_short_one():
     assert never.now == 0.0
 
 
-# --- page-locking the arenas for a device (ServerChannel.pin) -------------------------------
-
-
-def _address(frame) -> int:
-    import numpy
-
-    return int(numpy.frombuffer(frame, numpy.uint8).ctypes.data)
-
-
-class RecordingPinner:
-    """A HostPinner that keeps what is registered now and checks the rules a real one
-    (``cudaHostRegister``) enforces: no two spans overlap, only what was registered is
-    unregistered. ``refuse_read_only``: a device without read-only registration."""
-
-    def __init__(self, refuse_read_only: bool = False) -> None:
-        self.refuse_read_only = refuse_read_only
-        self.live: dict[int, tuple[int, bool]] = {}
-        self.log: list[tuple] = []
-        self.problems: list[str] = []
-
-    def register(self, address: int, nbytes: int, read_only: bool) -> bool:
-        for at, (n, _) in self.live.items():
-            if address < at + n and at < address + nbytes:
-                self.problems.append(f"{address:#x}+{nbytes} overlaps {at:#x}+{n}")
-        if read_only and self.refuse_read_only:
-            self.log.append(("refused", nbytes, read_only))
-            return False
-        self.live[address] = (nbytes, read_only)
-        self.log.append(("register", nbytes, read_only))
-        return True
-
-    def unregister(self, address: int) -> None:
-        if self.live.pop(address, None) is None:
-            self.problems.append(f"unregister of {address:#x}, never registered")
-        self.log.append(("unregister",))
-
-    def covering(self, frame) -> tuple[int, bool] | None:
-        """The live span ``frame`` lies in: (bytes, read-only), or None."""
-        n = memoryview(frame).nbytes
-        if n == 0:
-            return (0, True)
-        at = _address(frame)
-        for start, (size, read_only) in self.live.items():
-            if start <= at and at + n <= start + size:
-                return size, read_only
-        return None
-
-
-def _serve_checked(server, pinner: RecordingPinner, stop: threading.Event) -> None:
-    """Echo every request through reserved reply memory, checking as it goes that each
-    frame read and each buffer written lies in a span registered at that moment."""
-    server.pin(pinner)
-    while not stop.is_set():
-        frames = server.recv(0.02)
-        if frames is None:
-            continue
-        for i, f in enumerate(frames):
-            span = pinner.covering(f)
-            if not pinner.refuse_read_only and (span is None or not span[1]):
-                pinner.problems.append(f"request frame {i} read from unpinned memory")
-        buffers = server.reserve([memoryview(f).nbytes for f in frames[1:]])
-        for i, (buf, f) in enumerate(zip(buffers, frames[1:])):
-            span = pinner.covering(buf)
-            if span is None or span[1]:
-                pinner.problems.append(f"reply frame {i} written into unpinned memory")
-            buf[:] = memoryview(f).cast("B")
-        server.send([bytes(frames[0]), *buffers])
+# --- page-locking the arenas for a device (ServerChannel.pin; the rules every transport
+# --- keeps: the contract suite's test_memory_a_transport_pins_...) --------------------------
 
 
 @pytest.mark.parametrize("native", PATHS)
@@ -544,7 +480,7 @@ def test_a_pinned_server_registers_each_arena_span_before_use_and_all_of_it_on_c
     server = transport.listen()
     pinner = RecordingPinner(refuse_read_only)
     stop = threading.Event()
-    thread = threading.Thread(target=_serve_checked, args=(server, pinner, stop), daemon=True)
+    thread = threading.Thread(target=serve_checked, args=(server, pinner, stop), daemon=True)
     thread.start()
     client = transport.connect(server.address)
     try:
@@ -584,7 +520,7 @@ def test_pinning_a_server_that_has_links_covers_them_from_the_next_message():
             if frames is not None:
                 server.send([bytes(f) for f in frames])
                 break
-        _serve_checked(server, pinner, stop)
+        serve_checked(server, pinner, stop)
 
     thread = threading.Thread(target=first_then_pinned, daemon=True)
     thread.start()

@@ -29,7 +29,7 @@ from tsqp_core.bench_transport import EchoServer, echo_process
 from tsqp_core.plugins import get_plugins
 from tsqp_core.testing import names, shm_names
 from tsqp_core.transport import (ClientChannel, MessageTooLarge, PeerDead, PeerTimeout,
-                                 Transport, TransportError)
+                                 ServerChannel, Transport, TransportError)
 
 NAMES = names("transport")
 
@@ -211,6 +211,108 @@ def test_a_reply_written_into_reserved_memory_arrives_whole(client, dtype):
         reply = call(client, sent, reserve=True)
         assert_same(reply.tensors, sent)
         assert_same(call(client, sent).tensors, sent)
+
+
+# --- page-locked memory (ServerChannel.pin) ---------------------------------------------------
+
+
+def _address(frame: Any) -> int:
+    return int(numpy.frombuffer(frame, numpy.uint8).ctypes.data)
+
+
+class RecordingPinner:
+    """A :class:`~tsqp_core.transport.HostPinner` that keeps what is registered now and
+    checks the rules a real one (``cudaHostRegister``) enforces: no two spans overlap, only
+    what was registered is unregistered. ``refuse_read_only``: a device without read-only
+    registration."""
+
+    def __init__(self, refuse_read_only: bool = False) -> None:
+        self.refuse_read_only = refuse_read_only
+        self.live: dict[int, tuple[int, bool]] = {}
+        self.log: list[tuple] = []
+        self.problems: list[str] = []
+
+    def register(self, address: int, nbytes: int, read_only: bool) -> bool:
+        for at, (n, _) in self.live.items():
+            if address < at + n and at < address + nbytes:
+                self.problems.append(f"{address:#x}+{nbytes} overlaps {at:#x}+{n}")
+        if read_only and self.refuse_read_only:
+            self.log.append(("refused", nbytes, read_only))
+            return False
+        self.live[address] = (nbytes, read_only)
+        self.log.append(("register", nbytes, read_only))
+        return True
+
+    def unregister(self, address: int) -> None:
+        if self.live.pop(address, None) is None:
+            self.problems.append(f"unregister of {address:#x}, never registered")
+        self.log.append(("unregister",))
+
+    def covering(self, frame: Any) -> tuple[int, bool] | None:
+        """The live span ``frame`` (not empty) lies in: (bytes, read-only), or None."""
+        n = memoryview(frame).nbytes
+        at = _address(frame)
+        for start, (size, read_only) in self.live.items():
+            if start <= at and at + n <= start + size:
+                return size, read_only
+        return None
+
+
+def serve_checked(channel: ServerChannel, pinner: RecordingPinner, stop: threading.Event,
+                  strict: bool = True) -> None:
+    """Pin ``channel`` with ``pinner``, then echo every request -- through reserved reply
+    memory where the channel lends it -- checking as it goes (``strict``) that each frame
+    read and each buffer written lies in a span registered at that moment, read-only for
+    requests and writable for replies."""
+    channel.pin(pinner)
+    while not stop.is_set():
+        frames = channel.recv(0.02)
+        if frames is None:
+            continue
+        for i, f in enumerate(frames):
+            if not strict or pinner.refuse_read_only or not memoryview(f).nbytes:
+                continue  # (an empty frame has no memory to pin)
+            span = pinner.covering(f)
+            if span is None or not span[1]:
+                pinner.problems.append(f"request frame {i} read from unpinned memory")
+        buffers = channel.reserve([memoryview(f).nbytes for f in frames[1:]])
+        if buffers is None:
+            channel.send([bytes(memoryview(f)) for f in frames])
+            continue
+        for i, (buf, f) in enumerate(zip(buffers, frames[1:])):
+            span = pinner.covering(buf) if memoryview(buf).nbytes else (0, False)
+            if strict and (span is None or span[1]):
+                pinner.problems.append(f"reply frame {i} written into unpinned memory")
+            memoryview(buf).cast("B")[:] = memoryview(f).cast("B")
+        channel.send([bytes(memoryview(frames[0])), *buffers])
+
+
+def test_memory_a_transport_pins_is_registered_before_use_and_released(transport):
+    """``ServerChannel.pin``: where a transport pins (it overrides ``pin``), every request
+    frame its server reads and every reply buffer it writes lies in a span registered at
+    that moment, spans never overlap, and nothing stays registered once the server is
+    closed; messages arrive whole either way. A transport with no memory of its own takes
+    the pinner and registers nothing."""
+    channel = transport.listen()
+    pins = type(channel).pin is not ServerChannel.pin
+    pinner, stop = RecordingPinner(), threading.Event()
+    thread = threading.Thread(target=serve_checked, args=(channel, pinner, stop, pins),
+                              daemon=True)
+    thread.start()
+    client = transport.connect(channel.address)
+    try:
+        gen = numpy.random.default_rng(3)
+        for sizes in ([1000], [3 << 20], [5, 0, 17], [64]):
+            payload = [gen.bytes(n) for n in sizes]
+            got = client.request([b"head", *payload], 30)
+            assert [bytes(memoryview(g)) for g in got] == [b"head", *payload]
+    finally:
+        client.close()
+        stop.set()
+        thread.join(timeout=30)
+        channel.close()
+    assert pinner.problems == [] and pinner.live == {}
+    assert bool(pinner.log) == pins, "a transport that overrides pin() should register"
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.int64])
