@@ -63,7 +63,11 @@ class Backend(ABC):
         """Move a call's inputs to the backend's ``device`` (where it is not the CPU), queued
         on its stream: they arrive in host memory -- the transport's, page-locked where the
         server registered it (:meth:`~tsqp_core.transport.ServerChannel.pin`), so each is
-        one DMA -- that stays untouched until the reply is sent, after :meth:`synchronize`."""
+        one DMA -- that an honest client leaves alone until the reply is sent, after
+        :meth:`synchronize`. A hostile one may rewrite it while the copy runs: a value a
+        device kernel could fault on (an index) is checked on the device's copy, or in a
+        private host copy that is the one sent up (the fused backend's positions), never
+        in the transport's memory."""
         device = getattr(self, "device", None)
         if device is not None and device.type != "cpu":
             for name, t in env.items():
